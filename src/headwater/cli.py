@@ -1,0 +1,335 @@
+"""The ``headwater`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from headwater import config
+from headwater.admin import AdminClient, status_of, to_jsonable
+from headwater.store.base import QueryResult
+
+
+def _data_dir(args: argparse.Namespace) -> Path:
+    return config.resolve_data_dir(getattr(args, "data_dir", None))
+
+
+def _settings(args: argparse.Namespace) -> config.Settings:
+    return config.load(_data_dir(args))
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    data_dir = _data_dir(args)
+    settings = config.init(data_dir, args.source)
+    source = settings.sources[0]
+    print(f"wrote {config.config_path(data_dir)}")
+    print(f"source {source.name!r} write key: {source.write_key}")
+    return 0
+
+
+def _editable(data_dir: Path) -> config.Settings:
+    # Edit the file's own values, not the environment's overrides.
+    return config.load(data_dir, environ={})
+
+
+def cmd_sources_add(args: argparse.Namespace) -> int:
+    data_dir = _data_dir(args)
+    settings = _editable(data_dir)
+    source = config.Source(name=args.name, write_key=args.write_key or config.new_write_key())
+    settings.sources.append(source)
+    config._validate(settings)
+    config.save(data_dir, settings)
+    print(f"source {source.name!r} write key: {source.write_key}")
+    return 0
+
+
+def cmd_sources_list(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    rows = [(s.name, s.write_key, "yes" if s.enabled else "no") for s in settings.sources]
+    print_table(["name", "write_key", "enabled"], rows)
+    return 0
+
+
+def cmd_sources_rotate(args: argparse.Namespace) -> int:
+    data_dir = _data_dir(args)
+    settings = _editable(data_dir)
+    for source in settings.sources:
+        if source.name == args.name:
+            source.write_key = args.write_key or config.new_write_key()
+            config._validate(settings)
+            config.save(data_dir, settings)
+            print(f"source {source.name!r} new write key: {source.write_key}")
+            return 0
+    print(f"no source named {args.name!r}", file=sys.stderr)
+    return 1
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from headwater.serve import Server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    data_dir = _data_dir(args)
+    if not config.config_path(data_dir).exists():
+        settings = config.init(data_dir)
+        print(f"wrote a starter configuration to {config.config_path(data_dir)}",
+              file=sys.stderr)
+        print(f"source 'default' write key: {settings.sources[0].write_key}", file=sys.stderr)
+    return Server(data_dir, args.host, args.port, args.workers).run()
+
+
+def _server_url(args: argparse.Namespace, settings: config.Settings) -> str:
+    if args.url:
+        return str(args.url).rstrip("/")
+    run_file = _data_dir(args) / "run" / "serve.json"
+    host, port = settings.server.host, settings.server.port
+    if run_file.exists():
+        info = json.loads(run_file.read_text())
+        host, port = info["host"], info["port"]
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    write_key = args.write_key
+    if not write_key:
+        if not settings.sources:
+            print("no source configured; run `headwater init`", file=sys.stderr)
+            return 1
+        write_key = settings.sources[0].write_key
+    message: dict[str, Any] = {"type": args.type, "messageId": args.message_id or str(uuid.uuid4())}
+    if args.user_id:
+        message["userId"] = args.user_id
+    if args.anonymous_id or not args.user_id:
+        message["anonymousId"] = args.anonymous_id or f"cli-{uuid.uuid4()}"
+    if args.event:
+        message["event"] = args.event
+    if args.name:
+        message["name"] = args.name
+    if args.properties:
+        key = "traits" if args.type in ("identify", "group") else "properties"
+        message[key] = json.loads(args.properties)
+    url = f"{_server_url(args, settings)}/v1/{args.type}"
+    response = httpx.post(url, json=message, auth=(write_key, ""), timeout=10.0)
+    print(f"{response.status_code} {response.text}")
+    if response.status_code == 200:
+        print(f"messageId {message['messageId']}")
+    return 0 if response.status_code == 200 else 1
+
+
+def _run_query(data_dir: Path, sql: str) -> QueryResult:
+    client = AdminClient.connect(data_dir)
+    if client is not None:
+        return client.query(sql)
+    from headwater.store.duckdb import DuckDBStore, store_path
+
+    path = store_path(data_dir)
+    if not path.exists():
+        raise RuntimeError(f"no event store at {path}; start `headwater serve` first")
+    store = DuckDBStore(path, read_only=True)
+    try:
+        return store.query(sql)
+    finally:
+        store.close()
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    try:
+        result = _run_query(_data_dir(args), args.sql)
+    except Exception as exc:
+        print(f"query failed: {exc}", file=sys.stderr)
+        return 1
+    rows = [tuple(to_jsonable(v) for v in row) for row in result.rows]
+    if args.json:
+        print(json.dumps([dict(zip(result.columns, row, strict=True)) for row in rows],
+                         ensure_ascii=False, indent=2))
+    elif args.csv:
+        writer = csv.writer(sys.stdout)
+        writer.writerow(result.columns)
+        writer.writerows(rows)
+    else:
+        print_table(result.columns, rows)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    data_dir = _data_dir(args)
+    client = AdminClient.connect(data_dir)
+    if client is not None:
+        status = client.status()
+        running = True
+    else:
+        from headwater.store.duckdb import DuckDBStore, store_path
+
+        if not store_path(data_dir).exists():
+            print("no events stored yet; start `headwater serve`", file=sys.stderr)
+            return 1
+        store = DuckDBStore(store_path(data_dir), read_only=True)
+        try:
+            status = status_of(store, None)
+        finally:
+            store.close()
+        running = False
+    if args.json:
+        print(json.dumps({"running": running, **status}, indent=2))
+        return 0
+    print(f"server: {'running' if running else 'not running'}")
+    print_table(["source", "events", "last_received"],
+                [(s["source"], s["events"], s["last_received"]) for s in status["sources"]])
+    counters = status["counters"]
+    print(f"received {counters.get('received', 0)}, stored {counters.get('stored', 0)},"
+          f" duplicates dropped {counters.get('duplicates', 0)}")
+    if status.get("log"):
+        lag = status["log"]
+        print(f"log: end offset {lag['log_end_offset']}, stored through {lag['store_offset']},"
+              f" lag {lag['lag_records']} records / {lag['lag_events']} events")
+    return 0
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    data_dir = _data_dir(args)
+    client = AdminClient.connect(data_dir)
+    if client is None:
+        print("headwater serve is not running for this data directory", file=sys.stderr)
+        return 1
+    after = 0
+    if not args.all:
+        recent = client.tail(0)
+        after = recent[-1]["seq"] if recent else 0
+    deadline = time.monotonic() + args.seconds if args.seconds else None
+    try:
+        while deadline is None or time.monotonic() < deadline:
+            events = client.tail(after)
+            for event in events:
+                after = event["seq"]
+                print(_tail_line(event, args.json), flush=True)
+            if not events:
+                time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _tail_line(event: dict[str, Any], as_json: bool) -> str:
+    if as_json:
+        return json.dumps({k: v for k, v in event.items() if k != "seq"}, ensure_ascii=False)
+    who = event.get("userId") or f"anon:{event.get('anonymousId')}"
+    label = event.get("event") or ""
+    props = json.dumps(event.get("properties"), ensure_ascii=False) if event.get(
+        "properties") else ""
+    flags = " [bot]" if event.get("bot") else ""
+    if event.get("warnings"):
+        flags += f" [{', '.join(event['warnings'])}]"
+    return (f"{event['timestamp']}  {event['source']:<10} {event['type']:<8} {label:<24}"
+            f" {who:<20} {props}{flags}")
+
+
+def print_table(columns: list[str], rows: list[tuple[Any, ...]]) -> None:
+    def cell(value: Any) -> str:
+        if value is None:
+            return "NULL"
+        if isinstance(value, dict | list):
+            return json.dumps(value, ensure_ascii=False)
+        return str(value)
+
+    text = [[cell(v) for v in row] for row in rows]
+    widths = [len(c) for c in columns]
+    for row in text:
+        for i, value in enumerate(row):
+            widths[i] = min(max(widths[i], len(value)), 60)
+    line = " | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))
+    print(line)
+    print("-+-".join("-" * w for w in widths))
+    for row in text:
+        print(" | ".join(
+            (v if len(v) <= w else v[: w - 1] + "…").ljust(w)
+            for v, w in zip(row, widths, strict=True)
+        ))
+    print(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data-dir", default=argparse.SUPPRESS, help="data directory (default: $HEADWATER_DATA_DIR or"
+                        f" {config.DEFAULT_DATA_DIR})")
+    parser = argparse.ArgumentParser(prog="headwater", parents=[common],
+                                     description="Self-hosted real-time event tracking.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init", parents=[common], help="write a starter configuration")
+    p.add_argument("--source", default="default", help="name of the first source")
+    p.set_defaults(func=cmd_init)
+
+    sources = sub.add_parser("sources", parents=[common], help="manage sources")
+    ssub = sources.add_subparsers(dest="sources_command", required=True)
+    p = ssub.add_parser("add", parents=[common], help="add a source")
+    p.add_argument("name")
+    p.add_argument("--write-key")
+    p.set_defaults(func=cmd_sources_add)
+    p = ssub.add_parser("list", parents=[common], help="list sources")
+    p.set_defaults(func=cmd_sources_list)
+    p = ssub.add_parser("rotate-key", parents=[common], help="give a source a new write key")
+    p.add_argument("name")
+    p.add_argument("--write-key")
+    p.set_defaults(func=cmd_sources_rotate)
+
+    p = sub.add_parser("serve", parents=[common], help="run the gateway and the pipeline")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--workers", type=int)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("send", parents=[common], help="send one event to a running server")
+    p.add_argument("--type", default="track",
+                   choices=["identify", "track", "page", "screen", "group", "alias"])
+    p.add_argument("--event", default=None)
+    p.add_argument("--name", default=None)
+    p.add_argument("--user-id")
+    p.add_argument("--anonymous-id")
+    p.add_argument("--message-id")
+    p.add_argument("--properties", help="JSON object (traits for identify and group)")
+    p.add_argument("--write-key")
+    p.add_argument("--url", help="server URL (default: the running server's)")
+    p.set_defaults(func=cmd_send)
+
+    p = sub.add_parser("tail", parents=[common], help="print events as they are stored")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--all", action="store_true", help="start with the recent events")
+    p.add_argument("--seconds", type=float, default=0, help="stop after this long")
+    p.set_defaults(func=cmd_tail)
+
+    p = sub.add_parser("query", parents=[common], help="run SQL over the event store")
+    p.add_argument("sql")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true")
+    fmt.add_argument("--csv", action="store_true")
+    p.set_defaults(func=cmd_query)
+
+    p = sub.add_parser("status", parents=[common], help="counts per source and log lag")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result: int = args.func(args)
+    except config.ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

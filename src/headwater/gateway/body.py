@@ -1,0 +1,122 @@
+"""Request bodies: bounded reading, gzip with a cap, strict JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from collections.abc import Awaitable, Callable
+from decimal import Decimal
+from typing import Any
+
+import msgspec
+
+from headwater.spec.message import Rejection
+
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+_decode = msgspec.json.Decoder().decode
+
+
+async def read(receive: Receive, limit: int) -> bytes:
+    """The whole body, chunked or not; refuse it once it passes ``limit`` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise Rejection("client_disconnected", "", "the client went away", status=400)
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise too_large(limit)
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def too_large(limit: int) -> Rejection:
+    return Rejection(
+        "payload_too_large",
+        "body",
+        f"request body exceeds the limit of {limit} bytes ({limit // 1024} KiB) after"
+        " decompression",
+    )
+
+
+def decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    """Undo ``Content-Encoding``; the decompressed size is capped at ``limit``."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "x-gzip", "deflate"):
+        raise Rejection(
+            "unsupported_encoding",
+            "Content-Encoding",
+            f"Content-Encoding {encoding!r} is not supported (use gzip or none)",
+            status=415,
+        )
+    wbits = 16 + zlib.MAX_WBITS if encoding != "deflate" else zlib.MAX_WBITS
+    inflater = zlib.decompressobj(wbits)
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise Rejection(
+            "decompression_failed",
+            "body",
+            f"the body could not be decompressed as {encoding}: {exc}",
+        ) from None
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise too_large(limit)
+    if not inflater.eof:
+        raise Rejection(
+            "decompression_failed",
+            "body",
+            f"the body could not be decompressed as {encoding}: the stream is truncated",
+        )
+    return out
+
+
+def parse_json(body: bytes) -> Any:
+    """Strict JSON: no NaN or Infinity, numbers within range, integers exact."""
+    if not body.strip():
+        raise Rejection("invalid_json", "body", "the body is empty; expected a JSON object")
+    try:
+        return _decode(body)
+    except msgspec.DecodeError as exc:
+        text = str(exc)
+        if "out of range" in text:
+            raise Rejection(
+                "invalid_json",
+                _out_of_range_path(body) or "body",
+                "number out of range (larger than a 64-bit float can hold)",
+            ) from None
+        raise Rejection("invalid_json", "body", f"invalid JSON: {text}") from None
+    except RecursionError:
+        raise Rejection("invalid_json", "body", "JSON nested too deeply") from None
+
+
+def _out_of_range_path(body: bytes) -> str | None:
+    """Name the field whose number overflows a double (error path only)."""
+    try:
+        tree = json.loads(body, parse_float=Decimal, parse_constant=lambda c: None)
+    except (ValueError, RecursionError):
+        return None
+
+    def walk(node: Any, path: str) -> str | None:
+        if isinstance(node, Decimal):
+            return path if math.isinf(float(node)) else None
+        if isinstance(node, int) and not isinstance(node, bool):
+            return None
+        items: Any = node.items() if isinstance(node, dict) else (
+            enumerate(node) if isinstance(node, list) else ()
+        )
+        for key, value in items:
+            child = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else key
+            found = walk(value, child)
+            if found:
+                return found
+        return None
+
+    return walk(tree, "")

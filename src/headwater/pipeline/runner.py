@@ -1,0 +1,207 @@
+"""The pipeline: consume the log in batches, de-duplicate, time, enrich, store.
+
+Offsets advance only with the store write that covers them (one transaction),
+so after a crash the pipeline resumes exactly where the store left off.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import msgspec
+
+from headwater.config import Settings
+from headwater.log.base import Record
+from headwater.log.sqlite import SQLiteLogReader
+from headwater.pipeline import enrich
+from headwater.pipeline.dedup import DedupWindow
+from headwater.spec.timestamps import format_ms, parse_ms, resolve
+from headwater.store.base import EVENT_COLUMNS, EventStore
+
+log = logging.getLogger("headwater.pipeline")
+
+CONSUMER = "store"
+HOUR_MS = 3_600_000
+_decode = msgspec.json.Decoder().decode
+_encode = msgspec.json.Encoder().encode
+COLUMN_FIELDS = frozenset(
+    {
+        "type", "messageId", "event", "name", "userId", "anonymousId", "groupId", "previousId",
+        "timestamp", "originalTimestamp", "sentAt", "receivedAt",
+        "properties", "traits", "context", "integrations",
+    }
+)
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else _encode(value).decode()
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+class Tail:
+    """The most recent stored events, for ``headwater tail``; memory is capped."""
+
+    def __init__(self, size: int = 2000) -> None:
+        self._events: deque[dict[str, Any]] = deque(maxlen=size)
+        self._seq = 0
+        self._lock = threading.Lock()
+
+    def extend(self, events: list[dict[str, Any]]) -> None:
+        with self._lock:
+            for event in events:
+                self._seq += 1
+                event["seq"] = self._seq
+                self._events.append(event)
+
+    def after(self, seq: int, limit: int = 500) -> list[dict[str, Any]]:
+        with self._lock:
+            return [e for e in self._events if e["seq"] > seq][:limit]
+
+
+class Pipeline:
+    def __init__(self, settings: Settings, reader: SQLiteLogReader, store: EventStore,
+                 tail: Tail | None = None) -> None:
+        self.settings = settings
+        self.reader = reader
+        self.store = store
+        self.tail = tail or Tail()
+        self.dedup = DedupWindow(settings.pipeline.dedup_window_hours * HOUR_MS)
+        self.offset = store.committed(CONSUMER)
+        self.dedup.load(store.recent_keys(_now_ms() - self.dedup.window_ms))
+        self.future_ms = settings.limits.future_tolerance_seconds * 1000
+
+    def step(self) -> int:
+        """Process one batch of log records; return how many messages were read."""
+        batch_max = self.settings.pipeline.batch_max_events
+        records = self.reader.read(self.offset, max_records=batch_max, max_events=batch_max)
+        if not records:
+            return 0
+        columns: dict[str, list[Any]] = {name: [] for name, _ in EVENT_COLUMNS}
+        fresh: dict[str, int] = {}
+        read = duplicates = 0
+        tail: list[dict[str, Any]] = []
+        for record in records:
+            for message in _decode(record.payload):
+                read += 1
+                key = DedupWindow.key(record.source, message["messageId"])
+                if key in self.dedup or key in fresh:
+                    duplicates += 1
+                    continue
+                fresh[key] = record.received_ms
+                self._row(columns, record, message)
+                if len(tail) < 200:
+                    tail.append(_summary(record.source, message, columns))
+        offset = records[-1].offset
+        counters = {"received": read, "stored": len(fresh), "duplicates": duplicates}
+        self.store.write(columns, CONSUMER, offset, counters)
+        self.offset = offset
+        for key, received_ms in fresh.items():
+            self.dedup.add(key, received_ms)
+        self.reader.commit(CONSUMER, offset)
+        self.tail.extend(tail)
+        return read
+
+    def _row(self, columns: dict[str, list[Any]], record: Record, msg: dict[str, Any]) -> None:
+        times = resolve(
+            record.received_ms,
+            _time(msg.get("timestamp")),
+            _time(msg.get("originalTimestamp")),
+            _time(msg.get("sentAt")),
+            self.future_ms,
+        )
+        context = msg.get("context")
+        user_agent = (context or {}).get("userAgent")
+        if not isinstance(user_agent, str):
+            user_agent = record.user_agent
+        agent = enrich.agent(user_agent)
+        is_bot = agent.is_bot and self.settings.pipeline.bot_detection
+        extra = {k: v for k, v in msg.items() if k not in COLUMN_FIELDS}
+        append = columns.__getitem__
+        append("message_id").append(msg["messageId"])
+        append("source").append(record.source)
+        append("type").append(msg["type"])
+        append("event").append(_str(msg.get("event")))
+        append("name").append(_str(msg.get("name")))
+        append("user_id").append(msg.get("userId"))
+        append("anonymous_id").append(msg.get("anonymousId"))
+        append("group_id").append(msg.get("groupId"))
+        append("previous_id").append(msg.get("previousId"))
+        append("timestamp").append(times.timestamp)
+        append("original_timestamp").append(times.original)
+        append("sent_at").append(times.sent)
+        append("received_at").append(times.received)
+        append("properties").append(_json(msg.get("properties")))
+        append("traits").append(_json(msg.get("traits")))
+        append("context").append(_json(context))
+        append("integrations").append(_json(msg.get("integrations")))
+        append("extra").append(_json(extra) if extra else None)
+        append("ip").append(_str((context or {}).get("ip")))
+        append("user_agent").append(user_agent or None)
+        append("browser").append(agent.browser)
+        append("os").append(agent.os)
+        append("device").append(agent.device)
+        append("is_bot").append(is_bot)
+        append("campaign").append(_json(enrich.campaign(context)))
+        append("warnings").append(times.warnings or None)
+        append("log_offset").append(record.offset)
+
+    def run(self, stop: threading.Event) -> None:
+        idle = self.settings.pipeline.idle_poll_ms / 1000
+        last_prune = 0.0
+        retention_ms = self.settings.log.retention_hours * HOUR_MS
+        while not stop.is_set():
+            try:
+                read = self.step()
+            except Exception:
+                log.exception("pipeline step failed; retrying")
+                stop.wait(1.0)
+                continue
+            now = time.monotonic()
+            if now - last_prune > 60:
+                last_prune = now
+                self.dedup.expire(_now_ms())
+                pruned = self.reader.prune(_now_ms() - retention_ms)
+                if pruned:
+                    log.info("pruned %d log records", pruned)
+            if not read:
+                stop.wait(idle)
+
+    def lag(self) -> dict[str, int]:
+        end = self.reader.end_offset()
+        return {
+            "log_end_offset": end,
+            "store_offset": self.offset,
+            "lag_records": max(0, end - self.offset),
+            "lag_events": self.reader.pending_events(self.offset),
+        }
+
+
+def _time(value: Any) -> int | None:
+    return parse_ms(value) if isinstance(value, str) else None
+
+
+def _summary(source: str, msg: dict[str, Any], columns: dict[str, list[Any]]) -> dict[str, Any]:
+    return {
+        "source": source,
+        "type": msg["type"],
+        "event": msg.get("event") if msg["type"] == "track" else msg.get("name"),
+        "userId": msg.get("userId"),
+        "anonymousId": msg.get("anonymousId"),
+        "messageId": msg["messageId"],
+        "timestamp": format_ms(columns["timestamp"][-1]),
+        "receivedAt": format_ms(columns["received_at"][-1]),
+        "properties": msg.get("properties") or msg.get("traits"),
+        "bot": columns["is_bot"][-1],
+        "warnings": columns["warnings"][-1],
+    }
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000

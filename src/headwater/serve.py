@@ -1,0 +1,142 @@
+"""``headwater serve``: gateway worker processes, the pipeline and the admin API.
+
+The main process binds the listening socket, starts the gateway workers
+(each a uvicorn server with its own group-committing log writer), and runs
+the pipeline and the admin API itself.  SIGINT or SIGTERM stops the workers
+first (they finish in-flight requests and flush the log), then the pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import signal
+import socket
+import sys
+import threading
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+from headwater import config
+from headwater.admin import AdminServer
+from headwater.log.sqlite import SQLiteLogReader, SQLiteLogWriter, log_path
+from headwater.pipeline.runner import Pipeline
+from headwater.store.duckdb import DuckDBStore, store_path
+
+log = logging.getLogger("headwater.serve")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def run_worker(data_dir: str, sock: socket.socket) -> None:
+    """One gateway process (the target of each worker)."""
+    import uvicorn
+
+    from headwater.gateway.app import Gateway
+    from headwater.gateway.committer import Committer
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    directory = Path(data_dir)
+    settings = config.load(directory)
+    path = log_path(directory)
+    committer = Committer(lambda: SQLiteLogWriter(path), settings.server.max_pending_bytes)
+    app = Gateway(directory, settings, committer)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            loop="uvloop",
+            http="httptools",
+            lifespan="on",
+            access_log=False,
+            log_level="warning",
+            proxy_headers=False,
+            server_header=False,
+            timeout_graceful_shutdown=10,
+        )
+    )
+    server.run(sockets=[sock])
+
+
+class Server:
+    def __init__(self, data_dir: Path, host: str | None = None, port: int | None = None,
+                 workers: int | None = None) -> None:
+        self.data_dir = data_dir
+        self.settings = config.load(data_dir)
+        server = self.settings.server
+        self.host = host or server.host
+        self.port = server.port if port is None else port
+        self.workers = workers or server.workers
+        self.stop = threading.Event()
+        self._procs: list[BaseProcess] = []
+
+    def _spawn(self, sock: socket.socket) -> BaseProcess:
+        ctx = multiprocessing.get_context("spawn")
+        proc = ctx.Process(target=run_worker, args=(str(self.data_dir), sock), daemon=False)
+        proc.start()
+        return proc
+
+    def run(self) -> int:
+        sock = bind(self.host, self.port)
+        self.port = sock.getsockname()[1]
+        store = DuckDBStore(store_path(self.data_dir))
+        reader = SQLiteLogReader(log_path(self.data_dir))
+        pipeline = Pipeline(self.settings, reader, store)
+        admin = AdminServer(self.data_dir, store, pipeline)
+        pipeline_stop = threading.Event()
+        pipeline_thread = threading.Thread(
+            target=pipeline.run, args=(pipeline_stop,), name="pipeline", daemon=True
+        )
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._on_signal)
+        self._procs = [self._spawn(sock) for _ in range(self.workers)]
+        pipeline_thread.start()
+        admin.start()
+        self._write_run_file(admin.port)
+        print(f"headwater listening on http://{_url_host(self.host)}:{self.port}"
+              f" ({self.workers} gateway workers, data in {self.data_dir})",
+              file=sys.stderr, flush=True)
+        try:
+            while not self.stop.wait(1.0):
+                for index, proc in enumerate(self._procs):
+                    if not proc.is_alive():
+                        log.error("gateway worker %s exited (%s); restarting",
+                                  proc.pid, proc.exitcode)
+                        self._procs[index] = self._spawn(sock)
+        finally:
+            for proc in self._procs:
+                proc.terminate()
+            for proc in self._procs:
+                proc.join(15)
+                if proc.is_alive():
+                    proc.kill()
+            sock.close()
+            pipeline_stop.set()
+            pipeline_thread.join(30)
+            admin.stop()
+            (self.data_dir / "run" / "serve.json").unlink(missing_ok=True)
+            reader.close()
+            store.close()
+        print("headwater stopped", file=sys.stderr, flush=True)
+        return 0
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.stop.set()
+
+    def _write_run_file(self, admin_port: int) -> None:
+        info = {"host": self.host, "port": self.port, "admin_port": admin_port}
+        path = self.data_dir / "run" / "serve.json"
+        path.write_text(json.dumps(info))
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

@@ -1,0 +1,171 @@
+"""The event model: message types and the per-message rules of the Tracking API.
+
+``normalize`` checks one message and stamps what the server owns
+(``messageId`` when missing, ``receivedAt``, ``sentAt`` from the envelope,
+``context.ip``).  Keys it does not know are kept as they are.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from headwater.spec.timestamps import parse_ms
+
+TYPES = frozenset({"identify", "track", "page", "screen", "group", "alias"})
+TIME_FIELDS = ("timestamp", "originalTimestamp", "sentAt")
+OBJECT_FIELDS = ("properties", "traits", "context", "integrations")
+NUL = "\x00"
+REPLACEMENT = "\ufffd"
+
+
+class Rejection(Exception):
+    """A request or message breaks a rule; ``field`` names where."""
+
+    def __init__(self, code: str, field: str, message: str, status: int = 400) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.code = code
+        self.field = field
+        self.status = status
+
+
+class Stamp:
+    """What the server adds to every message of one request."""
+
+    __slots__ = ("context", "integrations", "ip", "max_message_id", "received_at", "sent_at")
+
+    def __init__(
+        self,
+        received_at: str,
+        ip: str | None,
+        sent_at: Any = None,
+        context: Any = None,
+        integrations: Any = None,
+        max_message_id: int = 100,
+    ) -> None:
+        self.received_at = received_at
+        self.ip = ip
+        self.sent_at = sent_at
+        self.context = context if isinstance(context, dict) else None
+        self.integrations = integrations if isinstance(integrations, dict) else None
+        self.max_message_id = max_message_id
+
+
+def _identifier(msg: dict[str, Any], key: str, where: str) -> str | None:
+    """An id field as a string, or None when absent, null or blank."""
+    value = msg.get(key)
+    if value is None:
+        msg.pop(key, None)
+        return None
+    if isinstance(value, str):
+        if value.strip():
+            return value
+        msg.pop(key)
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise Rejection("invalid_field", f"{where}{key}", f"{key} must be a string or a number")
+    text = str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+    msg[key] = text
+    return text
+
+
+def normalize(msg: Any, path_type: str | None, stamp: Stamp, where: str = "") -> dict[str, Any]:
+    """Check one message in place and stamp it; raise ``Rejection`` naming the field."""
+    if not isinstance(msg, dict):
+        raise Rejection("invalid_message", where.rstrip(".") or "body", "must be a JSON object")
+    if path_type is not None:
+        msg["type"] = path_type
+    kind = msg.get("type")
+    if kind not in TYPES:
+        if kind is None:
+            raise Rejection("missing_field", f"{where}type", "type is required")
+        raise Rejection(
+            "invalid_field", f"{where}type", f"type must be one of {', '.join(sorted(TYPES))}"
+        )
+
+    user_id = _identifier(msg, "userId", where)
+    anonymous_id = _identifier(msg, "anonymousId", where)
+    if kind == "alias":
+        if user_id is None:
+            raise Rejection("missing_field", f"{where}userId", "alias requires userId")
+        if _identifier(msg, "previousId", where) is None:
+            raise Rejection("missing_field", f"{where}previousId", "alias requires previousId")
+    elif user_id is None and anonymous_id is None:
+        raise Rejection(
+            "missing_identity",
+            f"{where}userId",
+            "userId or anonymousId is required (empty or null counts as absent)",
+        )
+    if kind == "track":
+        event = msg.get("event")
+        if not isinstance(event, str) or not event.strip():
+            raise Rejection("missing_field", f"{where}event", "track requires a non-empty event")
+    elif kind == "group" and _identifier(msg, "groupId", where) is None:
+        raise Rejection("missing_field", f"{where}groupId", "group requires groupId")
+
+    for key in OBJECT_FIELDS:
+        value = msg.get(key, msg)
+        if value is msg:
+            continue
+        if value is None:
+            del msg[key]
+        elif not isinstance(value, dict):
+            raise Rejection("invalid_field", f"{where}{key}", f"{key} must be an object")
+    for key in ("name", "category"):
+        value = msg.get(key)
+        if value is not None and not isinstance(value, str):
+            raise Rejection("invalid_field", f"{where}{key}", f"{key} must be a string")
+
+    if "sentAt" not in msg and stamp.sent_at is not None:
+        msg["sentAt"] = stamp.sent_at
+    for key in TIME_FIELDS:
+        value = msg.get(key)
+        if value is None:
+            msg.pop(key, None)
+        elif not isinstance(value, str) or parse_ms(value) is None:
+            raise Rejection(
+                "invalid_field", f"{where}{key}", f"{key} must be an ISO-8601 date-time string"
+            )
+
+    message_id = msg.get("messageId")
+    if message_id is None or message_id == "":
+        msg["messageId"] = str(uuid.uuid4())
+    elif isinstance(message_id, str):
+        if len(message_id) > stamp.max_message_id:
+            raise Rejection(
+                "invalid_field",
+                f"{where}messageId",
+                f"messageId is longer than {stamp.max_message_id} characters",
+            )
+    elif isinstance(message_id, int) and not isinstance(message_id, bool):
+        msg["messageId"] = str(message_id)
+    else:
+        raise Rejection("invalid_field", f"{where}messageId", "messageId must be a string")
+
+    msg.pop("writeKey", None)
+    msg["receivedAt"] = stamp.received_at
+    if stamp.integrations is not None:
+        msg["integrations"] = {**stamp.integrations, **msg.get("integrations", {})}
+    context = msg.get("context")
+    if stamp.context is not None:
+        context = msg["context"] = {**stamp.context, **(context or {})}
+    if stamp.ip is not None:
+        if context is None:
+            msg["context"] = {"ip": stamp.ip}
+        elif not context.get("ip"):
+            context["ip"] = stamp.ip
+    return msg
+
+
+def scrub_nul(value: Any) -> Any:
+    """Replace U+0000 with U+FFFD in every string, keys included."""
+    if isinstance(value, str):
+        return value.replace(NUL, REPLACEMENT)
+    if isinstance(value, dict):
+        return {
+            (k.replace(NUL, REPLACEMENT) if NUL in k else k): scrub_nul(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [scrub_nul(v) for v in value]
+    return value

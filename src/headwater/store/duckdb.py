@@ -1,0 +1,118 @@
+"""The embedded event store: one DuckDB file, fed Arrow batches."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from headwater.store.base import EVENT_COLUMNS, QueryResult
+
+_ARROW_TYPES: dict[str, pa.DataType] = {
+    "VARCHAR": pa.string(),
+    "JSON": pa.string(),
+    "TIMESTAMPTZ": pa.timestamp("ms", tz="UTC"),
+    "BOOLEAN": pa.bool_(),
+    "BIGINT": pa.int64(),
+    "VARCHAR[]": pa.list_(pa.string()),
+}
+_SCHEMA = pa.schema([(name, _ARROW_TYPES[kind]) for name, kind in EVENT_COLUMNS])
+
+
+def store_path(data_dir: Path) -> Path:
+    return data_dir / "events.duckdb"
+
+
+class DuckDBStore:
+    def __init__(self, path: Path, read_only: bool = False) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._con = duckdb.connect(str(path), read_only=read_only)
+        self._con.execute("SET TimeZone = 'UTC'")
+        self._lock = threading.Lock()
+        if not read_only:
+            columns = ", ".join(f'"{name}" {kind}' for name, kind in EVENT_COLUMNS)
+            self._con.execute(f"CREATE TABLE IF NOT EXISTS events ({columns})")
+            self._con.execute(
+                "CREATE TABLE IF NOT EXISTS store_offsets"
+                " (consumer VARCHAR PRIMARY KEY, log_offset BIGINT NOT NULL)"
+            )
+            self._con.execute(
+                "CREATE TABLE IF NOT EXISTS counters (name VARCHAR PRIMARY KEY, value BIGINT)"
+            )
+
+    def committed(self, consumer: str) -> int:
+        with self._lock:
+            row = self._con.execute(
+                "SELECT log_offset FROM store_offsets WHERE consumer = ?", [consumer]
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    def write(self, columns: dict[str, list[Any]], consumer: str, offset: int,
+              counters: dict[str, int]) -> None:
+        batch = pa.Table.from_pydict(columns, schema=_SCHEMA)
+        with self._lock:
+            con = self._con
+            con.execute("BEGIN TRANSACTION")
+            try:
+                if batch.num_rows:
+                    con.register("incoming", batch)
+                    con.execute("INSERT INTO events SELECT * FROM incoming")
+                    con.unregister("incoming")
+                con.execute(
+                    "INSERT INTO store_offsets VALUES (?, ?) ON CONFLICT (consumer)"
+                    " DO UPDATE SET log_offset = excluded.log_offset",
+                    [consumer, offset],
+                )
+                for name, value in counters.items():
+                    if value:
+                        con.execute(
+                            "INSERT INTO counters VALUES (?, ?) ON CONFLICT (name)"
+                            " DO UPDATE SET value = counters.value + excluded.value",
+                            [name, value],
+                        )
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+
+    def recent_keys(self, since_ms: int) -> Iterator[tuple[str, str, int]]:
+        with self._lock:
+            cursor = self._con.cursor()
+        cursor.execute("SET TimeZone = 'UTC'")
+        cursor.execute(
+            "SELECT source, message_id, epoch_ms(received_at) FROM events"
+            " WHERE received_at >= make_timestamptz(? * 1000) ORDER BY received_at",
+            [since_ms],
+        )
+        while True:
+            rows = cursor.fetchmany(50_000)
+            if not rows:
+                break
+            for source, message_id, received in rows:
+                yield source, message_id, int(received)
+        cursor.close()
+
+    def query(self, sql: str) -> QueryResult:
+        with self._lock:
+            cursor = self._con.cursor()
+        try:
+            cursor.execute("SET TimeZone = 'UTC'")
+            cursor.execute(sql)
+            description = cursor.description or []
+            rows = cursor.fetchall() if description else []
+            return QueryResult([d[0] for d in description], rows)
+        finally:
+            cursor.close()
+
+    def counters(self) -> dict[str, int]:
+        return {
+            str(name): int(value)
+            for name, value in self.query("SELECT name, value FROM counters").rows
+        }
+
+    def close(self) -> None:
+        self._con.close()
