@@ -80,8 +80,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     data_dir = _data_dir(args)
     if not config.config_path(data_dir).exists():
         settings = config.init(data_dir)
-        print(f"wrote a starter configuration to {config.config_path(data_dir)}",
-              file=sys.stderr)
+        print(f"wrote a starter configuration to {config.config_path(data_dir)}", file=sys.stderr)
         print(f"source 'default' write key: {settings.sources[0].write_key}", file=sys.stderr)
     return Server(data_dir, args.host, args.port, args.workers).run()
 
@@ -151,8 +150,13 @@ def cmd_query(args: argparse.Namespace) -> int:
         return 1
     rows = [tuple(to_jsonable(v) for v in row) for row in result.rows]
     if args.json:
-        print(json.dumps([dict(zip(result.columns, row, strict=True)) for row in rows],
-                         ensure_ascii=False, indent=2))
+        print(
+            json.dumps(
+                [dict(zip(result.columns, row, strict=True)) for row in rows],
+                ensure_ascii=False,
+                indent=2,
+            )
+        )
     elif args.csv:
         writer = csv.writer(sys.stdout)
         writer.writerow(result.columns)
@@ -184,15 +188,21 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps({"running": running, **status}, indent=2))
         return 0
     print(f"server: {'running' if running else 'not running'}")
-    print_table(["source", "events", "last_received"],
-                [(s["source"], s["events"], s["last_received"]) for s in status["sources"]])
+    print_table(
+        ["source", "events", "last_received"],
+        [(s["source"], s["events"], s["last_received"]) for s in status["sources"]],
+    )
     counters = status["counters"]
-    print(f"received {counters.get('received', 0)}, stored {counters.get('stored', 0)},"
-          f" duplicates dropped {counters.get('duplicates', 0)}")
+    print(
+        f"received {counters.get('received', 0)}, stored {counters.get('stored', 0)},"
+        f" duplicates dropped {counters.get('duplicates', 0)}"
+    )
     if status.get("log"):
         lag = status["log"]
-        print(f"log: end offset {lag['log_end_offset']}, stored through {lag['store_offset']},"
-              f" lag {lag['lag_records']} records / {lag['lag_events']} events")
+        print(
+            f"log: end offset {lag['log_end_offset']}, stored through {lag['store_offset']},"
+            f" lag {lag['lag_records']} records / {lag['lag_events']} events"
+        )
     return 0
 
 
@@ -225,13 +235,16 @@ def _tail_line(event: dict[str, Any], as_json: bool) -> str:
         return json.dumps({k: v for k, v in event.items() if k != "seq"}, ensure_ascii=False)
     who = event.get("userId") or f"anon:{event.get('anonymousId')}"
     label = event.get("event") or ""
-    props = json.dumps(event.get("properties"), ensure_ascii=False) if event.get(
-        "properties") else ""
+    props = (
+        json.dumps(event.get("properties"), ensure_ascii=False) if event.get("properties") else ""
+    )
     flags = " [bot]" if event.get("bot") else ""
     if event.get("warnings"):
         flags += f" [{', '.join(event['warnings'])}]"
-    return (f"{event['timestamp']}  {event['source']:<10} {event['type']:<8} {label:<24}"
-            f" {who:<20} {props}{flags}")
+    return (
+        f"{event['timestamp']}  {event['source']:<10} {event['type']:<8} {label:<24}"
+        f" {who:<20} {props}{flags}"
+    )
 
 
 def print_table(columns: list[str], rows: list[tuple[Any, ...]]) -> None:
@@ -251,19 +264,25 @@ def print_table(columns: list[str], rows: list[tuple[Any, ...]]) -> None:
     print(line)
     print("-+-".join("-" * w for w in widths))
     for row in text:
-        print(" | ".join(
-            (v if len(v) <= w else v[: w - 1] + "…").ljust(w)
-            for v, w in zip(row, widths, strict=True)
-        ))
+        print(
+            " | ".join(
+                (v if len(v) <= w else v[: w - 1] + "…").ljust(w)
+                for v, w in zip(row, widths, strict=True)
+            )
+        )
     print(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
 
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--data-dir", default=argparse.SUPPRESS, help="data directory (default: $HEADWATER_DATA_DIR or"
-                        f" {config.DEFAULT_DATA_DIR})")
-    parser = argparse.ArgumentParser(prog="headwater", parents=[common],
-                                     description="Self-hosted real-time event tracking.")
+    common.add_argument(
+        "--data-dir",
+        default=argparse.SUPPRESS,
+        help=f"data directory (default: $HEADWATER_DATA_DIR or {config.DEFAULT_DATA_DIR})",
+    )
+    parser = argparse.ArgumentParser(
+        prog="headwater", parents=[common], description="Self-hosted real-time event tracking."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("init", parents=[common], help="write a starter configuration")
@@ -290,8 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("send", parents=[common], help="send one event to a running server")
-    p.add_argument("--type", default="track",
-                   choices=["identify", "track", "page", "screen", "group", "alias"])
+    p.add_argument(
+        "--type", default="track", choices=["identify", "track", "page", "screen", "group", "alias"]
+    )
     p.add_argument("--event", default=None)
     p.add_argument("--name", default=None)
     p.add_argument("--user-id")

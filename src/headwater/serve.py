@@ -68,8 +68,13 @@ def run_worker(data_dir: str, sock: socket.socket) -> None:
 
 
 class Server:
-    def __init__(self, data_dir: Path, host: str | None = None, port: int | None = None,
-                 workers: int | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        host: str | None = None,
+        port: int | None = None,
+        workers: int | None = None,
+    ) -> None:
         self.data_dir = data_dir
         self.settings = config.load(data_dir)
         server = self.settings.server
@@ -102,15 +107,19 @@ class Server:
         pipeline_thread.start()
         admin.start()
         self._write_run_file(admin.port)
-        print(f"headwater listening on http://{_url_host(self.host)}:{self.port}"
-              f" ({self.workers} gateway workers, data in {self.data_dir})",
-              file=sys.stderr, flush=True)
+        print(
+            f"headwater listening on http://{_url_host(self.host)}:{self.port}"
+            f" ({self.workers} gateway workers, data in {self.data_dir})",
+            file=sys.stderr,
+            flush=True,
+        )
         try:
             while not self.stop.wait(1.0):
                 for index, proc in enumerate(self._procs):
                     if not proc.is_alive():
-                        log.error("gateway worker %s exited (%s); restarting",
-                                  proc.pid, proc.exitcode)
+                        log.error(
+                            "gateway worker %s exited (%s); restarting", proc.pid, proc.exitcode
+                        )
                         self._procs[index] = self._spawn(sock)
         finally:
             for proc in self._procs:

@@ -174,13 +174,20 @@ class Gateway:
             log.error("log append failed: %s", exc)
             await self._unavailable(send, cors, "log_unavailable", "the event log cannot accept")
 
-    async def _unavailable(self, send: Send, cors: list[tuple[bytes, bytes]], code: str,
-                           message: str) -> None:
+    async def _unavailable(
+        self, send: Send, cors: list[tuple[bytes, bytes]], code: str, message: str
+    ) -> None:
         body = _encode({"success": False, "code": code, "message": message, "field": ""})
         await _respond(send, 503, body, [*JSON_HEADERS, (b"retry-after", b"1"), *cors])
 
-    async def _get(self, scope: Scope, path: str, headers: dict[bytes, bytes], send: Send,
-                   cors: list[tuple[bytes, bytes]]) -> None:
+    async def _get(
+        self,
+        scope: Scope,
+        path: str,
+        headers: dict[bytes, bytes],
+        send: Send,
+        cors: list[tuple[bytes, bytes]],
+    ) -> None:
         if path == "/health":
             await _respond(send, 200, b'{"status": "ok"}', JSON_HEADERS)
         elif path == "/ready":
@@ -200,8 +207,7 @@ class Gateway:
             scheme = "https" if scope.get("scheme") == "https" else "http"
             settings = {
                 "integrations": {
-                    "Segment.io": {"apiKey": write_key, "apiHost": f"{host}/v1",
-                                   "protocol": scheme}
+                    "Segment.io": {"apiKey": write_key, "apiHost": f"{host}/v1", "protocol": scheme}
                 },
                 "metrics": {"sampleRate": 0},
             }
@@ -212,9 +218,15 @@ class Gateway:
             source = self.keys.get(write_key)
             if source is None:
                 raise Rejection("invalid_write_key", "writeKey", "unknown write key", 401)
-            config_body = {
-                "source": {"id": source.name, "name": source.name, "writeKey": write_key,
-                           "config": {}, "destinations": [], "enabled": source.enabled}
+            config_body: dict[str, Any] = {
+                "source": {
+                    "id": source.name,
+                    "name": source.name,
+                    "writeKey": write_key,
+                    "config": {},
+                    "destinations": [],
+                    "enabled": source.enabled,
+                }
             }
             await _respond(send, 200, _encode(config_body), JSON_HEADERS + cors)
         else:
@@ -253,8 +265,9 @@ class Gateway:
                 return hop
         return hops[0] if hops else peer
 
-    async def _ingest(self, scope: Scope, receive: Receive, headers: dict[bytes, bytes],
-                      path_type: str | None) -> None:
+    async def _ingest(
+        self, scope: Scope, receive: Receive, headers: dict[bytes, bytes], path_type: str | None
+    ) -> None:
         limits = self.limits
         raw = await bodies.read(receive, limits.max_request_bytes)
         encoding = headers.get(b"content-encoding", b"").decode("latin-1")
@@ -267,8 +280,15 @@ class Gateway:
         source = self._source(headers, document.get("writeKey"), scope.get("query_string", b""))
         await self._accept(scope, headers, source, document, path_type, len(data))
 
-    async def _accept(self, scope: Scope, headers: dict[bytes, bytes], source: config.Source,
-                      document: dict[str, Any], path_type: str | None, size: int) -> None:
+    async def _accept(
+        self,
+        scope: Scope,
+        headers: dict[bytes, bytes],
+        source: config.Source,
+        document: dict[str, Any],
+        path_type: str | None,
+        size: int,
+    ) -> None:
         limits = self.limits
         received_ms = time.time_ns() // 1_000_000
         ip = self._client_ip(scope, headers)
@@ -282,17 +302,20 @@ class Gateway:
                 raise Rejection(
                     "too_many_messages",
                     "batch",
-                    f"batch has {len(messages)} messages; the limit is"
-                    f" {limits.max_batch_messages}",
+                    f"batch has {len(messages)} messages; the limit is {limits.max_batch_messages}",
                 )
-            stamp = Stamp(format_ms(received_ms), ip, document.get("sentAt"),
-                          document.get("context"), document.get("integrations"),
-                          limits.max_message_id_chars)
+            stamp = Stamp(
+                format_ms(received_ms),
+                ip,
+                document.get("sentAt"),
+                document.get("context"),
+                document.get("integrations"),
+                limits.max_message_id_chars,
+            )
             prefix = "batch[{}]."
         else:
             messages = [document]
-            stamp = Stamp(format_ms(received_ms), ip, None, None, None,
-                          limits.max_message_id_chars)
+            stamp = Stamp(format_ms(received_ms), ip, None, None, None, limits.max_message_id_chars)
             prefix = ""
         check_size = size > limits.max_message_bytes
         for index, message in enumerate(messages):
@@ -373,8 +396,14 @@ def _preflight(headers: dict[bytes, bytes]) -> list[tuple[bytes, bytes]]:
     ]
 
 
-async def _respond(send: Send, status: int, body: bytes,
-                   headers: list[tuple[bytes, bytes]]) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+async def _respond(
+    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [*headers, (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

@@ -109,8 +109,10 @@ def _out_of_range_path(body: bytes) -> str | None:
             return path if math.isinf(float(node)) else None
         if isinstance(node, int) and not isinstance(node, bool):
             return None
-        items: Any = node.items() if isinstance(node, dict) else (
-            enumerate(node) if isinstance(node, list) else ()
+        items: Any = (
+            node.items()
+            if isinstance(node, dict)
+            else (enumerate(node) if isinstance(node, list) else ())
         )
         for key, value in items:
             child = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else key

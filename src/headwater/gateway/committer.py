@@ -80,7 +80,7 @@ class Committer:
                         self._cond.wait()
                     if not self._queue and self._closing:
                         return
-                    group = []
+                    group: list[tuple[Entry, asyncio.Future[None]]] = []
                     while self._queue and len(group) < self._max_group:
                         group.append(self._queue.popleft())
                 error: Exception | None = None

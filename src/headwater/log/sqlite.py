@@ -98,7 +98,9 @@ class SQLiteLogReader:
         return int(seq[0]) if seq else 0
 
     def pending_events(self, after: int) -> int:
-        row = self._con.execute("SELECT coalesce(sum(count), 0) FROM log WHERE offset > ?", (after,))
+        row = self._con.execute(
+            "SELECT coalesce(sum(count), 0) FROM log WHERE offset > ?", (after,)
+        )
         return int(row.fetchone()[0])
 
     def committed(self, consumer: str) -> int:

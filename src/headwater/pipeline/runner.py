@@ -30,9 +30,22 @@ _decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
 COLUMN_FIELDS = frozenset(
     {
-        "type", "messageId", "event", "name", "userId", "anonymousId", "groupId", "previousId",
-        "timestamp", "originalTimestamp", "sentAt", "receivedAt",
-        "properties", "traits", "context", "integrations",
+        "type",
+        "messageId",
+        "event",
+        "name",
+        "userId",
+        "anonymousId",
+        "groupId",
+        "previousId",
+        "timestamp",
+        "originalTimestamp",
+        "sentAt",
+        "receivedAt",
+        "properties",
+        "traits",
+        "context",
+        "integrations",
     }
 )
 
@@ -66,8 +79,13 @@ class Tail:
 
 
 class Pipeline:
-    def __init__(self, settings: Settings, reader: SQLiteLogReader, store: EventStore,
-                 tail: Tail | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        reader: SQLiteLogReader,
+        store: EventStore,
+        tail: Tail | None = None,
+    ) -> None:
         self.settings = settings
         self.reader = reader
         self.store = store

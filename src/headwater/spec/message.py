@@ -154,7 +154,8 @@ def normalize(msg: Any, path_type: str | None, stamp: Stamp, where: str = "") ->
             msg["context"] = {"ip": stamp.ip}
         elif not context.get("ip"):
             context["ip"] = stamp.ip
-    return msg
+    checked: dict[str, Any] = msg
+    return checked
 
 
 def scrub_nul(value: Any) -> Any:
@@ -163,8 +164,7 @@ def scrub_nul(value: Any) -> Any:
         return value.replace(NUL, REPLACEMENT)
     if isinstance(value, dict):
         return {
-            (k.replace(NUL, REPLACEMENT) if NUL in k else k): scrub_nul(v)
-            for k, v in value.items()
+            (k.replace(NUL, REPLACEMENT) if NUL in k else k): scrub_nul(v) for k, v in value.items()
         }
     if isinstance(value, list):
         return [scrub_nul(v) for v in value]

@@ -51,8 +51,9 @@ class EventStore(Protocol):
     def committed(self, consumer: str) -> int:
         """The last log offset whose events are stored."""
 
-    def write(self, columns: dict[str, list[Any]], consumer: str, offset: int,
-              counters: dict[str, int]) -> None:
+    def write(
+        self, columns: dict[str, list[Any]], consumer: str, offset: int, counters: dict[str, int]
+    ) -> None:
         """Store rows and advance the consumer's offset and counters in one transaction."""
 
     def recent_keys(self, since_ms: int) -> Iterator[tuple[str, str, int]]:

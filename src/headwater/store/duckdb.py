@@ -51,8 +51,9 @@ class DuckDBStore:
             ).fetchone()
         return int(row[0]) if row else 0
 
-    def write(self, columns: dict[str, list[Any]], consumer: str, offset: int,
-              counters: dict[str, int]) -> None:
+    def write(
+        self, columns: dict[str, list[Any]], consumer: str, offset: int, counters: dict[str, int]
+    ) -> None:
         batch = pa.Table.from_pydict(columns, schema=_SCHEMA)
         with self._lock:
             con = self._con
