@@ -19,6 +19,7 @@ import pytest
 
 from headwater import config
 from headwater.admin import AdminClient
+from headwater.destinations.base import DestinationConfig
 
 WRITE_KEY = "WRITE_KEY"
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,6 +40,7 @@ class RunningServer:
         workers: int = 1,
         env: dict[str, str] | None = None,
         sources: list[config.Source] | None = None,
+        destinations: list[DestinationConfig] | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.workers = workers
@@ -49,7 +51,8 @@ class RunningServer:
         self.env.pop("HEADWATER_DATA_DIR", None)
         if not config.config_path(data_dir).exists():
             settings = config.Settings(
-                sources=sources or [config.Source(name="default", write_key=WRITE_KEY)]
+                sources=sources or [config.Source(name="default", write_key=WRITE_KEY)],
+                destinations=destinations or [],
             )
             config.save(data_dir, settings)
         self.proc: subprocess.Popen[bytes] | None = None

@@ -21,6 +21,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
+from headwater.destinations.delivery import DeliveryWorker
+from headwater.destinations.state import DeliveryState
 from headwater.pipeline.runner import Pipeline
 from headwater.store.base import EventStore, QueryResult
 
@@ -47,6 +49,22 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
+def delivery_status(data_dir: Path, workers: list[DeliveryWorker] | None) -> dict[str, Any]:
+    state = DeliveryState(data_dir)
+    try:
+        counters = state.counters()
+    finally:
+        state.close()
+    result: dict[str, Any] = {}
+    for name, values in counters.items():
+        result[name] = {"counters": values}
+    for worker in workers or []:
+        entry = result.setdefault(worker.name, {"counters": {}})
+        entry["pending"] = worker.pending()
+        entry["last_error"] = worker.last_error
+    return result
+
+
 def status_of(store: EventStore, pipeline_lag: dict[str, int] | None) -> dict[str, Any]:
     per_source = store.query(
         "SELECT source, count(*) AS events, max(received_at) AS last_received"
@@ -63,7 +81,13 @@ def status_of(store: EventStore, pipeline_lag: dict[str, int] | None) -> dict[st
 
 
 class AdminServer:
-    def __init__(self, data_dir: Path, store: EventStore, pipeline: Pipeline) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        store: EventStore,
+        pipeline: Pipeline,
+        workers: list[DeliveryWorker] | None = None,
+    ) -> None:
         self.data_dir = data_dir
         self.token = secrets.token_urlsafe(24)
         outer = self
@@ -91,7 +115,9 @@ class AdminServer:
                     return
                 url = urlsplit(self.path)
                 if url.path == "/status":
-                    self._reply(200, status_of(store, pipeline.lag()))
+                    status = status_of(store, pipeline.lag())
+                    status["destinations"] = delivery_status(data_dir, workers)
+                    self._reply(200, status)
                 elif url.path == "/tail":
                     after = int(parse_qs(url.query).get("after", ["0"])[0])
                     self._reply(200, {"events": pipeline.tail.after(after)})

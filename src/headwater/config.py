@@ -18,6 +18,8 @@ from typing import Any
 import msgspec
 import tomli_w
 
+from headwater.destinations.base import DestinationConfig
+
 CONFIG_NAME = "headwater.toml"
 DATA_DIR_ENV = "HEADWATER_DATA_DIR"
 DEFAULT_DATA_DIR = "./headwater-data"
@@ -75,6 +77,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True):
     store: StoreSettings = msgspec.field(default_factory=StoreSettings)
     pipeline: PipelineSettings = msgspec.field(default_factory=PipelineSettings)
     sources: list[Source] = msgspec.field(default_factory=list)
+    destinations: list[DestinationConfig] = msgspec.field(default_factory=list)
 
     def source_for_key(self, write_key: str) -> Source | None:
         for source in self.sources:
@@ -163,6 +166,13 @@ def _validate(settings: Settings) -> None:
             raise ConfigError(f"sources[{index}].write_key: empty or repeated")
         names.add(source.name)
         keys.add(source.write_key)
+    destinations: set[str] = set()
+    for index, destination in enumerate(settings.destinations):
+        if not destination.name or destination.name in destinations:
+            raise ConfigError(
+                f"destinations[{index}].name: empty or repeated ({destination.name!r})"
+            )
+        destinations.add(destination.name)
 
 
 def load(data_dir: Path, environ: dict[str, str] | None = None) -> Settings:

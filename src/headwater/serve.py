@@ -19,8 +19,10 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
-from headwater import config
+from headwater import config, destinations
 from headwater.admin import AdminServer
+from headwater.destinations.delivery import DeliveryWorker
+from headwater.log.processed import ProcessedLog
 from headwater.log.sqlite import SQLiteLogReader, SQLiteLogWriter, log_path
 from headwater.pipeline.runner import Pipeline
 from headwater.store.duckdb import DuckDBStore, store_path
@@ -95,8 +97,10 @@ class Server:
         self.port = sock.getsockname()[1]
         store = DuckDBStore(store_path(self.data_dir))
         reader = SQLiteLogReader(log_path(self.data_dir))
-        pipeline = Pipeline(self.settings, reader, store)
-        admin = AdminServer(self.data_dir, store, pipeline)
+        pipeline = Pipeline(self.settings, reader, store, ProcessedLog(self.data_dir))
+        delivery_stop = threading.Event()
+        workers = start_deliveries(self.data_dir, self.settings, delivery_stop)
+        admin = AdminServer(self.data_dir, store, pipeline, workers)
         pipeline_stop = threading.Event()
         pipeline_thread = threading.Thread(
             target=pipeline.run, args=(pipeline_stop,), name="pipeline", daemon=True
@@ -131,6 +135,9 @@ class Server:
             sock.close()
             pipeline_stop.set()
             pipeline_thread.join(30)
+            delivery_stop.set()
+            for worker in workers:
+                worker.join(30)
             admin.stop()
             (self.data_dir / "run" / "serve.json").unlink(missing_ok=True)
             reader.close()
@@ -145,6 +152,24 @@ class Server:
         info = {"host": self.host, "port": self.port, "admin_port": admin_port}
         path = self.data_dir / "run" / "serve.json"
         path.write_text(json.dumps(info))
+
+
+def start_deliveries(
+    data_dir: Path, settings: config.Settings, stop: threading.Event
+) -> list[DeliveryWorker]:
+    """Build every enabled destination (errors name the setting) and start its loop."""
+    workers: list[DeliveryWorker] = []
+    for destination_config in settings.destinations:
+        if not destination_config.enabled:
+            continue
+        try:
+            destination = destinations.build(destination_config)
+        except destinations.ConfigurationError as exc:
+            raise config.ConfigError(str(exc)) from None
+        workers.append(DeliveryWorker(data_dir, destination, stop))
+    for worker in workers:
+        worker.start()
+    return workers
 
 
 def _url_host(host: str) -> str:

@@ -16,6 +16,7 @@ import msgspec
 
 from headwater.config import Settings
 from headwater.log.base import Record
+from headwater.log.processed import ProcessedLog
 from headwater.log.sqlite import SQLiteLogReader
 from headwater.pipeline import enrich
 from headwater.pipeline.dedup import DedupWindow
@@ -84,11 +85,13 @@ class Pipeline:
         settings: Settings,
         reader: SQLiteLogReader,
         store: EventStore,
+        processed: ProcessedLog,
         tail: Tail | None = None,
     ) -> None:
         self.settings = settings
         self.reader = reader
         self.store = store
+        self.processed = processed
         self.tail = tail or Tail()
         self.dedup = DedupWindow(settings.pipeline.dedup_window_hours * HOUR_MS)
         self.offset = store.committed(CONSUMER)
@@ -105,7 +108,9 @@ class Pipeline:
         fresh: dict[str, int] = {}
         read = duplicates = 0
         tail: list[dict[str, Any]] = []
+        outgoing: list[tuple[int, int, int, bytes]] = []
         for record in records:
+            items: list[dict[str, Any]] = []
             for message in _decode(record.payload):
                 read += 1
                 key = DedupWindow.key(record.source, message["messageId"])
@@ -113,11 +118,16 @@ class Pipeline:
                     duplicates += 1
                     continue
                 fresh[key] = record.received_ms
-                self._row(columns, record, message)
+                items.append(self._row(columns, record, message))
                 if len(tail) < 200:
                     tail.append(_summary(record.source, message, columns))
+            if items:
+                outgoing.append((record.offset, record.received_ms, len(items), _encode(items)))
         offset = records[-1].offset
         counters = {"received": read, "stored": len(fresh), "duplicates": duplicates}
+        # Destinations first: if the store write is lost to a crash, the batch is
+        # replayed and its processed records, keyed by raw offset, are ignored.
+        self.processed.append(outgoing)
         self.store.write(columns, CONSUMER, offset, counters)
         self.offset = offset
         for key, received_ms in fresh.items():
@@ -126,7 +136,10 @@ class Pipeline:
         self.tail.extend(tail)
         return read
 
-    def _row(self, columns: dict[str, list[Any]], record: Record, msg: dict[str, Any]) -> None:
+    def _row(
+        self, columns: dict[str, list[Any]], record: Record, msg: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Append the message's row to the columns; return it as destinations see it."""
         times = resolve(
             record.received_ms,
             _time(msg.get("timestamp")),
@@ -169,6 +182,11 @@ class Pipeline:
         append("campaign").append(_json(enrich.campaign(context)))
         append("warnings").append(times.warnings or None)
         append("log_offset").append(record.offset)
+        event = dict(msg)
+        event["timestamp"] = format_ms(times.timestamp)
+        event["originalTimestamp"] = format_ms(times.original)
+        event["sentAt"] = format_ms(times.sent)
+        return {"source": record.source, "bot": is_bot, "warnings": times.warnings, "event": event}
 
     def run(self, stop: threading.Event) -> None:
         idle = self.settings.pipeline.idle_poll_ms / 1000
@@ -186,6 +204,7 @@ class Pipeline:
                 last_prune = now
                 self.dedup.expire(_now_ms())
                 pruned = self.reader.prune(_now_ms() - retention_ms)
+                pruned += self.processed.prune(_now_ms() - retention_ms)
                 if pruned:
                     log.info("pruned %d log records", pruned)
             if not read:

@@ -7,6 +7,7 @@ inputs (year 9999 minus a skew) never overflow a datetime.
 from __future__ import annotations
 
 import re
+import time
 from datetime import UTC, datetime, timedelta
 
 MIN_PLAUSIBLE_MS = 0  # 1970-01-01T00:00:00Z
@@ -39,8 +40,11 @@ def parse_ms(text: str) -> int | None:
 
 def format_ms(ms: int) -> str:
     """Milliseconds since the epoch as ``YYYY-MM-DDTHH:MM:SS.sssZ``."""
+    seconds, millis = divmod(ms, 1000)
+    if seconds >= 0:
+        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
     moment = _EPOCH + timedelta(milliseconds=ms)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{millis:03d}Z"
 
 
 class EventTimes:

@@ -1,0 +1,31 @@
+"""Destinations: where events go after the pipeline."""
+
+from __future__ import annotations
+
+import importlib
+
+from headwater.destinations.base import ConfigurationError, Destination, DestinationConfig
+from headwater.destinations.routing import validate_filters
+
+__all__ = ["KINDS", "ConfigurationError", "Destination", "DestinationConfig", "build"]
+
+# kind -> (module, class, the default name in a message's integrations object)
+KINDS: dict[str, tuple[str, str, str]] = {
+    "webhook": ("headwater.destinations.webhook", "Webhook", "Webhooks"),
+}
+
+
+def build(config: DestinationConfig) -> Destination:
+    """A destination from its configuration; ``ConfigurationError`` names the setting."""
+    if config.kind not in KINDS:
+        raise ConfigurationError(
+            f"destinations.{config.name}.kind: {config.kind!r} is not one of"
+            f" {', '.join(sorted(KINDS))}"
+        )
+    module_name, class_name, integration_name = KINDS[config.kind]
+    if not config.integration_name:
+        config.integration_name = integration_name
+    validate_filters(config)
+    module = importlib.import_module(module_name)
+    destination: Destination = getattr(module, class_name)(config)
+    return destination

@@ -1,0 +1,115 @@
+"""The processed topic: events after de-duplication, timing and enrichment.
+
+The pipeline appends one record per batch it stores, keyed by the last raw-log
+offset the batch covers, so replaying a batch after a crash appends nothing
+twice.  Destinations read this topic, each with its own committed offset.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+from headwater.log.sqlite import log_path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS consumer_offsets (
+    consumer TEXT PRIMARY KEY,
+    offset INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS processed (
+    offset INTEGER PRIMARY KEY AUTOINCREMENT,
+    raw_offset INTEGER NOT NULL UNIQUE,
+    received_ms INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    payload BLOB NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessedRecord:
+    offset: int
+    received_ms: int
+    count: int
+    payload: bytes
+
+
+def connect(data_dir: Path) -> sqlite3.Connection:
+    path = log_path(data_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    con = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("PRAGMA synchronous=FULL")
+    con.execute("PRAGMA busy_timeout=30000")
+    con.executescript(SCHEMA)
+    return con
+
+
+class ProcessedLog:
+    def __init__(self, data_dir: Path) -> None:
+        self._con = connect(data_dir)
+
+    def append(self, rows: list[tuple[int, int, int, bytes]]) -> None:
+        """Append (raw_offset, received_ms, count, payload) rows in one transaction.
+
+        A raw offset appended before is ignored, so replaying after a crash
+        appends nothing twice.
+        """
+        if not rows:
+            return
+        con = self._con
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            con.executemany(
+                "INSERT OR IGNORE INTO processed (raw_offset, received_ms, count, payload)"
+                " VALUES (?, ?, ?, ?)",
+                rows,
+            )
+            con.execute("COMMIT")
+        except BaseException:
+            if con.in_transaction:
+                con.execute("ROLLBACK")
+            raise
+
+    def read(self, after: int, max_events: int) -> list[ProcessedRecord]:
+        cursor = self._con.execute(
+            "SELECT offset, received_ms, count, payload FROM processed"
+            " WHERE offset > ? ORDER BY offset LIMIT 1000",
+            (after,),
+        )
+        records: list[ProcessedRecord] = []
+        events = 0
+        for row in cursor:
+            records.append(ProcessedRecord(*row))
+            events += row[2]
+            if events >= max_events:
+                break
+        cursor.close()
+        return records
+
+    def end_offset(self) -> int:
+        row = self._con.execute("SELECT max(offset) FROM processed").fetchone()
+        return int(row[0] or 0)
+
+    def pending_events(self, after: int) -> int:
+        row = self._con.execute(
+            "SELECT coalesce(sum(count), 0) FROM processed WHERE offset > ?", (after,)
+        ).fetchone()
+        return int(row[0])
+
+    def prune(self, older_than_ms: int) -> int:
+        """Drop records older than the given time that every destination has passed."""
+        row = self._con.execute(
+            "SELECT min(offset) FROM consumer_offsets WHERE consumer LIKE 'destination:%'"
+        ).fetchone()
+        through = self.end_offset() if row[0] is None else int(row[0])
+        cursor = self._con.execute(
+            "DELETE FROM processed WHERE offset <= ? AND received_ms < ?",
+            (through, older_than_ms),
+        )
+        return cursor.rowcount
+
+    def close(self) -> None:
+        self._con.close()
