@@ -5,6 +5,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -270,3 +273,44 @@ def test_private_targets_refused_unless_allowed(
     counters = settle_deliveries(server)["guarded"]["counters"]
     assert counters["dead_lettered"] == 1
     assert hook.answered == []
+
+
+def _cli(server: RunningServer, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "headwater.cli", "--data-dir", str(server.data_dir), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_dead_letters_replay_and_range_replay(
+    make_server: Callable[..., RunningServer], receivers: Callable[..., Receiver]
+) -> None:
+    state = {"status": 400}
+    hook = receivers(respond=lambda _: (state["status"], {}, b"{}"))
+    server = make_server(destinations=[webhook("hook", hook)])
+    assert server.post("/v1/batch", {"batch": [track(i) for i in range(3)]}).status_code == 200
+    assert settle_deliveries(server)["hook"]["counters"]["dead_lettered"] == 3
+
+    listed = _cli(server, "deadletters", "list", "--destination", "hook")
+    assert listed.returncode == 0 and listed.stdout.count("m-") == 3
+    shown = _cli(server, "deadletters", "show", "1")
+    assert json.loads(shown.stdout)["event"]["messageId"] == "m-0"
+
+    state["status"] = 200
+    replayed = _cli(server, "deadletters", "replay", "--destination", "hook")
+    assert replayed.returncode == 0, replayed.stderr
+    assert sorted(e["messageId"] for e in hook.events()) == ["m-0", "m-1", "m-2"]
+    counters = server.admin.status()["destinations"]["hook"]["counters"]
+    assert counters["dead_lettered"] == 0 and counters["delivered"] == 3
+    assert reconciled(counters) == 0
+    assert _cli(server, "deadletters", "list").stdout.count("m-") == 0
+
+    again = _cli(server, "replay", "--destination", "hook", "--since", "2000-01-01T00:00:00Z")
+    assert again.returncode == 0, again.stderr
+    assert "3 of 3 events replayed" in again.stdout
+    events = hook.events()
+    assert len(events) == 6
+    replayed_event = events[-1]
+    assert replayed_event["messageId"] == "m-2" and replayed_event["properties"] == {"i": 2}

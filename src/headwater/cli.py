@@ -9,13 +9,24 @@ import logging
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from headwater import config
+from headwater import config, destinations
 from headwater.admin import AdminClient, status_of, to_jsonable
+from headwater.destinations.base import Destination
+from headwater.destinations.replay import (
+    STORE_COLUMNS,
+    event_from_row,
+    replay_dead_letters,
+    replay_events,
+    time_bounds,
+)
+from headwater.destinations.state import DeadLetter, DeliveryState
+from headwater.spec.timestamps import format_ms
 from headwater.store.base import QueryResult
 
 
@@ -247,6 +258,176 @@ def _tail_line(event: dict[str, Any], as_json: bool) -> str:
     )
 
 
+def _destination(settings: config.Settings, name: str) -> Destination:
+    for destination_config in settings.destinations:
+        if destination_config.name == name:
+            return destinations.build(destination_config)
+    raise config.ConfigError(f"destinations: no destination named {name!r}")
+
+
+def _progress(done: int, total: int) -> None:
+    width = 30
+    filled = width * done // total if total else width
+    percent = 100 * done // total if total else 100
+    end = "\n" if done >= total else ""
+    print(
+        f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} ({percent}%)",
+        end=end,
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def cmd_destinations_list(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    rows = [
+        (d.name, d.kind, "yes" if d.enabled else "no", d.integration_name or "")
+        for d in settings.destinations
+    ]
+    print_table(["name", "kind", "enabled", "integration_name"], rows)
+    return 0
+
+
+def cmd_destinations_check(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    failures = 0
+    for destination_config in settings.destinations:
+        if args.name and destination_config.name != args.name:
+            continue
+        try:
+            destination = destinations.build(destination_config)
+            try:
+                destination.check()
+            finally:
+                destination.close()
+            print(f"{destination_config.name}: ok")
+        except Exception as exc:
+            failures += 1
+            print(f"{destination_config.name}: FAILED: {exc}")
+    return 1 if failures else 0
+
+
+def cmd_deadletters_list(args: argparse.Namespace) -> int:
+    state = DeliveryState(_data_dir(args))
+    try:
+        letters = state.dead_letters(args.destination, include_replayed=args.all, limit=args.limit)
+    finally:
+        state.close()
+    rows = [
+        (
+            d.id,
+            d.destination,
+            d.message_id,
+            d.reason,
+            d.attempts,
+            d.last_status,
+            "yes" if d.replayed_ms else "no",
+        )
+        for d in letters
+    ]
+    print_table(
+        ["id", "destination", "message_id", "reason", "attempts", "last_status", "replayed"], rows
+    )
+    return 0
+
+
+def cmd_deadletters_show(args: argparse.Namespace) -> int:
+    state = DeliveryState(_data_dir(args))
+    try:
+        letters = state.dead_letters(include_replayed=True, ids=[args.id], limit=1)
+    finally:
+        state.close()
+    if not letters:
+        print(f"no dead letter {args.id}", file=sys.stderr)
+        return 1
+    letter = letters[0]
+    print(
+        json.dumps(
+            {
+                "id": letter.id,
+                "destination": letter.destination,
+                "message_id": letter.message_id,
+                "reason": letter.reason,
+                "attempts": letter.attempts,
+                "last_status": letter.last_status,
+                "last_response": letter.last_response,
+                "first_attempt_at": format_ms(letter.first_attempt_ms),
+                "dead_at": format_ms(letter.dead_ms),
+                "replayed_at": format_ms(letter.replayed_ms) if letter.replayed_ms else None,
+                "event": json.loads(letter.event),
+            },
+            indent=2,
+            ensure_ascii=False,
+        )
+    )
+    return 0
+
+
+def cmd_deadletters_replay(args: argparse.Namespace) -> int:
+    data_dir = _data_dir(args)
+    settings = _settings(args)
+    state = DeliveryState(data_dir)
+    try:
+        letters = state.dead_letters(args.destination, ids=args.ids or None, limit=1_000_000)
+    finally:
+        state.close()
+    by_destination: dict[str, list[DeadLetter]] = {}
+    for letter in letters:
+        by_destination.setdefault(letter.destination, []).append(letter)
+    failed_total = 0
+    for name, group in by_destination.items():
+        destination = _destination(settings, name)
+        try:
+            delivered, failed = replay_dead_letters(
+                data_dir, destination, group, time.time_ns() // 1_000_000, _progress
+            )
+        finally:
+            destination.close()
+        failed_total += failed
+        print(f"{name}: {delivered} delivered, {failed} still failing")
+    if not by_destination:
+        print("no dead letters to replay")
+    return 1 if failed_total else 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    data_dir = _data_dir(args)
+    settings = _settings(args)
+    try:
+        lower, upper = time_bounds(args.since, args.until)
+    except ValueError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    where = (
+        f"received_at >= make_timestamptz({lower} * 1000)"
+        f" AND received_at < make_timestamptz({upper} * 1000)"
+    )
+    total = int(_run_query(data_dir, f"SELECT count(*) FROM events WHERE {where}").rows[0][0])
+    destination = _destination(settings, args.destination)
+    size = max(1, destination.config.batch.max_events)
+
+    def batches() -> Iterator[list[dict[str, Any]]]:
+        for start in range(0, total, 10_000):
+            result = _run_query(
+                data_dir,
+                f"SELECT {STORE_COLUMNS} FROM events WHERE {where}"
+                f" ORDER BY received_at, log_offset LIMIT 10000 OFFSET {start}",
+            )
+            rows = [
+                event_from_row({c: to_jsonable(v) for c, v in zip(result.columns, r, strict=True)})
+                for r in result.rows
+            ]
+            for i in range(0, len(rows), size):
+                yield rows[i : i + size]
+
+    try:
+        delivered, failed = replay_events(destination, batches(), total, _progress)
+    finally:
+        destination.close()
+    print(f"{args.destination}: {delivered} of {total} events replayed, {failed} failed")
+    return 1 if failed else 0
+
+
 def print_table(columns: list[str], rows: list[tuple[Any, ...]]) -> None:
     def cell(value: Any) -> str:
         if value is None:
@@ -335,6 +516,39 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--csv", action="store_true")
     p.set_defaults(func=cmd_query)
 
+    dests = sub.add_parser("destinations", parents=[common], help="list and check destinations")
+    dsub = dests.add_subparsers(dest="destinations_command", required=True)
+    p = dsub.add_parser("list", parents=[common], help="list destinations")
+    p.set_defaults(func=cmd_destinations_list)
+    p = dsub.add_parser("check", parents=[common], help="validate settings, test connections")
+    p.add_argument("name", nargs="?")
+    p.set_defaults(func=cmd_destinations_check)
+
+    dead = sub.add_parser("deadletters", parents=[common], help="inspect and replay dead letters")
+    dlsub = dead.add_subparsers(dest="deadletters_command", required=True)
+    p = dlsub.add_parser("list", parents=[common], help="list dead letters")
+    p.add_argument("--destination")
+    p.add_argument("--all", action="store_true", help="include replayed ones")
+    p.add_argument("--limit", type=int, default=100)
+    p.set_defaults(func=cmd_deadletters_list)
+    p = dlsub.add_parser("show", parents=[common], help="show one dead letter")
+    p.add_argument("id", type=int)
+    p.set_defaults(func=cmd_deadletters_show)
+    p = dlsub.add_parser("replay", parents=[common], help="deliver dead letters again")
+    p.add_argument("ids", type=int, nargs="*")
+    p.add_argument("--destination")
+    p.set_defaults(func=cmd_deadletters_replay)
+
+    p = sub.add_parser(
+        "replay",
+        parents=[common],
+        help="send stored events of a time range to one destination again",
+    )
+    p.add_argument("--destination", required=True)
+    p.add_argument("--since", help="ISO-8601 time (received at or after)")
+    p.add_argument("--until", help="ISO-8601 time (received before)")
+    p.set_defaults(func=cmd_replay)
+
     p = sub.add_parser("status", parents=[common], help="counts per source and log lag")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
@@ -345,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result: int = args.func(args)
-    except config.ConfigError as exc:
+    except (config.ConfigError, destinations.ConfigurationError) as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     return result
