@@ -8,6 +8,7 @@ of an uncommitted batch are delivered again (at least once) and counted once.
 from __future__ import annotations
 
 import sqlite3
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,13 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     first_attempt_ms INTEGER NOT NULL,
     dead_ms INTEGER NOT NULL,
     replayed_ms INTEGER
+);
+CREATE TABLE IF NOT EXISTS delivery_minutes (
+    destination TEXT NOT NULL,
+    minute_ms INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    value INTEGER NOT NULL,
+    PRIMARY KEY (destination, minute_ms, name)
 );
 CREATE INDEX IF NOT EXISTS dead_letters_by_destination ON dead_letters (destination, dead_ms);
 """
@@ -94,11 +102,7 @@ class DeliveryState:
                     " ON CONFLICT (consumer) DO UPDATE SET offset = excluded.offset",
                     (consumer_name(destination), offset),
                 )
-            con.executemany(
-                "INSERT INTO delivery_counters (destination, name, value) VALUES (?, ?, ?)"
-                " ON CONFLICT (destination, name) DO UPDATE SET value = value + excluded.value",
-                [(destination, name, value) for name, value in counters.items() if value],
-            )
+            self._count(destination, counters)
             con.executemany(
                 "INSERT INTO dead_letters (destination, message_id, received_ms, event, reason,"
                 " attempts, last_status, last_response, first_attempt_ms, dead_ms)"
@@ -124,6 +128,33 @@ class DeliveryState:
             if con.in_transaction:
                 con.execute("ROLLBACK")
             raise
+
+    def _count(self, destination: str, counters: dict[str, int]) -> None:
+        """Add to the totals and to this minute's counts (inside a transaction)."""
+        minute = time.time_ns() // 60_000_000_000 * 60_000
+        rows = [(destination, name, value) for name, value in counters.items() if value]
+        self._con.executemany(
+            "INSERT INTO delivery_counters (destination, name, value) VALUES (?, ?, ?)"
+            " ON CONFLICT (destination, name) DO UPDATE SET value = value + excluded.value",
+            rows,
+        )
+        self._con.executemany(
+            "INSERT INTO delivery_minutes (destination, minute_ms, name, value)"
+            " VALUES (?, ?, ?, ?) ON CONFLICT (destination, minute_ms, name)"
+            " DO UPDATE SET value = value + excluded.value",
+            [(dest, minute, name, value) for dest, name, value in rows],
+        )
+
+    def since(self, since_ms: int, until_ms: int) -> dict[str, dict[str, int]]:
+        """Counter sums per destination over [since, until)."""
+        result: dict[str, dict[str, int]] = {}
+        for dest, name, value in self._con.execute(
+            "SELECT destination, name, sum(value) FROM delivery_minutes"
+            " WHERE minute_ms >= ? AND minute_ms < ? GROUP BY destination, name",
+            (since_ms, until_ms),
+        ):
+            result.setdefault(dest, {})[name] = int(value)
+        return result
 
     def counters(self, destination: str | None = None) -> dict[str, dict[str, int]]:
         sql = "SELECT destination, name, value FROM delivery_counters"

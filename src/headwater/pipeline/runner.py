@@ -124,7 +124,12 @@ class Pipeline:
             if items:
                 outgoing.append((record.offset, record.received_ms, len(items), _encode(items)))
         offset = records[-1].offset
+        stored_at = _now_ms()
+        columns["stored_at"] = [stored_at] * len(columns["message_id"])
         counters = {"received": read, "stored": len(fresh), "duplicates": duplicates}
+        for record in records:
+            bucket = freshness_bucket((stored_at - record.received_ms) / 1000)
+            counters[bucket] = counters.get(bucket, 0) + record.count
         # Destinations first: if the store write is lost to a crash, the batch is
         # replayed and its processed records, keyed by raw offset, are ignored.
         self.processed.append(outgoing)
@@ -218,6 +223,17 @@ class Pipeline:
             "lag_records": max(0, end - self.offset),
             "lag_events": self.reader.pending_events(self.offset),
         }
+
+
+FRESHNESS_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+def freshness_bucket(seconds: float) -> str:
+    """The counter name of a freshness histogram bucket (accepted to stored)."""
+    for bound in FRESHNESS_BUCKETS_S:
+        if seconds <= bound:
+            return f"freshness_le_{bound:g}s"
+    return "freshness_le_inf"
 
 
 def _time(value: Any) -> int | None:

@@ -38,6 +38,7 @@ EVENT_COLUMNS: tuple[tuple[str, str], ...] = (
     ("campaign", "JSON"),
     ("warnings", "VARCHAR[]"),
     ("log_offset", "BIGINT"),
+    ("stored_at", "TIMESTAMPTZ"),
 )
 
 
@@ -54,12 +55,15 @@ class EventStore(Protocol):
     def write(
         self, columns: dict[str, list[Any]], consumer: str, offset: int, counters: dict[str, int]
     ) -> None:
-        """Store rows and advance the consumer's offset and counters in one transaction."""
+        """Store rows and advance the consumer's offset and counters in one transaction.
+
+        Counters are kept in total and per minute (for trends and anomalies).
+        """
 
     def recent_keys(self, since_ms: int) -> Iterator[tuple[str, str, int]]:
         """(source, message_id, received_ms) of events received since the given time."""
 
-    def query(self, sql: str) -> QueryResult: ...
+    def query(self, sql: str, params: list[Any] | None = None) -> QueryResult: ...
 
     def counters(self) -> dict[str, int]: ...
 

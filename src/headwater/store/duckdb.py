@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,10 @@ class DuckDBStore:
             self._con.execute(
                 "CREATE TABLE IF NOT EXISTS counters (name VARCHAR PRIMARY KEY, value BIGINT)"
             )
+            self._con.execute(
+                "CREATE TABLE IF NOT EXISTS counter_minutes (minute TIMESTAMPTZ, name VARCHAR,"
+                " value BIGINT, PRIMARY KEY (minute, name))"
+            )
 
     def committed(self, consumer: str) -> int:
         with self._lock:
@@ -68,12 +73,19 @@ class DuckDBStore:
                     " DO UPDATE SET log_offset = excluded.log_offset",
                     [consumer, offset],
                 )
+                minute = time.time_ns() // 60_000_000_000 * 60_000_000
                 for name, value in counters.items():
                     if value:
                         con.execute(
                             "INSERT INTO counters VALUES (?, ?) ON CONFLICT (name)"
                             " DO UPDATE SET value = counters.value + excluded.value",
                             [name, value],
+                        )
+                        con.execute(
+                            "INSERT INTO counter_minutes VALUES (make_timestamptz(?), ?, ?)"
+                            " ON CONFLICT (minute, name)"
+                            " DO UPDATE SET value = counter_minutes.value + excluded.value",
+                            [minute, name, value],
                         )
                 con.execute("COMMIT")
             except BaseException:
@@ -97,12 +109,12 @@ class DuckDBStore:
                 yield source, message_id, int(received)
         cursor.close()
 
-    def query(self, sql: str) -> QueryResult:
+    def query(self, sql: str, params: list[Any] | None = None) -> QueryResult:
         with self._lock:
             cursor = self._con.cursor()
         try:
             cursor.execute("SET TimeZone = 'UTC'")
-            cursor.execute(sql)
+            cursor.execute(sql, params or [])
             description = cursor.description or []
             rows = cursor.fetchall() if description else []
             return QueryResult([d[0] for d in description], rows)
