@@ -12,6 +12,7 @@ __all__ = ["KINDS", "ConfigurationError", "Destination", "DestinationConfig", "b
 # kind -> (module, class, the default name in a message's integrations object)
 KINDS: dict[str, tuple[str, str, str]] = {
     "webhook": ("headwater.destinations.webhook", "Webhook", "Webhooks"),
+    "files": ("headwater.destinations.files", "Files", "Files"),
 }
 
 
