@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import os
 import signal
 import socket
 import sys
 import threading
+import time
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,7 @@ def run_worker(data_dir: str, sock: socket.socket) -> None:
     from headwater.gateway.app import Gateway
     from headwater.gateway.committer import Committer
 
+    parent = os.getppid()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     directory = Path(data_dir)
     settings = config.load(directory)
@@ -66,7 +69,20 @@ def run_worker(data_dir: str, sock: socket.socket) -> None:
             timeout_graceful_shutdown=10,
         )
     )
+    watch = threading.Thread(
+        target=_stop_with_parent, args=(server, parent), name="parent-watch", daemon=True
+    )
+    watch.start()
     server.run(sockets=[sock])
+
+
+def _stop_with_parent(server: Any, parent: int) -> None:
+    # A worker whose serve process died (kill -9, OOM) would keep the port and
+    # acknowledge events with no pipeline behind it; finish and exit instead.
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    log.error("serve process %s is gone; gateway worker stopping", parent)
+    server.should_exit = True
 
 
 class Server:
