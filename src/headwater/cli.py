@@ -130,7 +130,11 @@ def cmd_send(args: argparse.Namespace) -> int:
         key = "traits" if args.type in ("identify", "group") else "properties"
         message[key] = json.loads(args.properties)
     url = f"{_server_url(args, settings)}/v1/{args.type}"
-    response = httpx.post(url, json=message, auth=(write_key, ""), timeout=10.0)
+    try:
+        response = httpx.post(url, json=message, auth=(write_key, ""), timeout=10.0)
+    except httpx.HTTPError as exc:
+        print(f"cannot reach {url}: {exc}", file=sys.stderr)
+        return 1
     print(f"{response.status_code} {response.text}")
     if response.status_code == 200:
         print(f"messageId {message['messageId']}")
@@ -171,10 +175,14 @@ def cmd_query(args: argparse.Namespace) -> int:
     elif args.csv:
         writer = csv.writer(sys.stdout)
         writer.writerow(result.columns)
-        writer.writerows(rows)
+        writer.writerows([_csv_cell(v) for v in row] for row in rows)
     else:
         print_table(result.columns, rows)
     return 0
+
+
+def _csv_cell(value: Any) -> Any:
+    return json.dumps(value, ensure_ascii=False) if isinstance(value, dict | list) else value
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -225,8 +233,9 @@ def cmd_tail(args: argparse.Namespace) -> int:
         return 1
     after = 0
     if not args.all:
-        recent = client.tail(0)
-        after = recent[-1]["seq"] if recent else 0
+        # The tail API answers oldest first, a page at a time: page to the newest.
+        while recent := client.tail(after):
+            after = recent[-1]["seq"]
     deadline = time.monotonic() + args.seconds if args.seconds else None
     try:
         while deadline is None or time.monotonic() < deadline:
@@ -238,6 +247,9 @@ def cmd_tail(args: argparse.Namespace) -> int:
                 time.sleep(0.2)
     except KeyboardInterrupt:
         pass
+    except httpx.HTTPError:
+        print("headwater serve stopped", file=sys.stderr)
+        return 1
     return 0
 
 
