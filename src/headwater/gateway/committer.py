@@ -4,7 +4,8 @@ Handlers call ``await committer.append(entry)``.  A single writer thread takes
 everything queued since its last commit, appends it in one transaction and
 then wakes every waiting handler at once.  The bytes waiting are bounded:
 past the bound ``append`` raises ``Overloaded`` at once, so memory stays flat
-and the client is told to retry.
+and the client is told to retry.  While appends fail (a full disk), the idle
+writer probes the log about once a second, so readiness comes back by itself.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from collections import deque
 from collections.abc import Callable
 
 from headwater.log.base import Entry, EventLogWriter, LogFull
+
+PROBE_SECONDS = 1.0
 
 
 class Overloaded(Exception):
@@ -71,18 +74,30 @@ class Committer:
         if self._thread is not None:
             self._thread.join()
 
+    def _next_group(self) -> list[tuple[Entry, asyncio.Future[None]]] | None:
+        """Wait for work; None once closed, an empty group when it is time to probe."""
+        with self._cond:
+            while not self._queue and not self._closing:
+                # While appends fail, readiness must come back without traffic.
+                timeout = None if self.healthy else PROBE_SECONDS
+                if not self._cond.wait(timeout) and not self._queue:
+                    return []
+            group: list[tuple[Entry, asyncio.Future[None]]] = []
+            while self._queue and len(group) < self._max_group:
+                group.append(self._queue.popleft())
+            return group or None
+
     def _run(self) -> None:
         writer = self._open_writer()
         try:
-            while True:
-                with self._cond:
-                    while not self._queue and not self._closing:
-                        self._cond.wait()
-                    if not self._queue and self._closing:
-                        return
-                    group: list[tuple[Entry, asyncio.Future[None]]] = []
-                    while self._queue and len(group) < self._max_group:
-                        group.append(self._queue.popleft())
+            while (group := self._next_group()) is not None:
+                if not group:
+                    try:
+                        writer.probe()
+                        self.healthy = True
+                    except LogFull as exc:
+                        self.last_error = str(exc)
+                    continue
                 error: Exception | None = None
                 try:
                     writer.append([entry for entry, _ in group])

@@ -42,6 +42,14 @@ class EventLogWriter(Protocol):
     def append(self, entries: Sequence[Entry]) -> None:
         """Append and make durable, all or nothing; raise ``LogFull`` on failure."""
 
+    def probe(self) -> None:
+        """Check, by one small durable write, that appends can succeed again.
+
+        Called about once a second while appends are failing and nothing is
+        waiting; may block like ``append``; raises ``LogFull`` while the log
+        still cannot take data.
+        """
+
     def close(self) -> None: ...
 
 

@@ -66,6 +66,16 @@ class SQLiteLogWriter:
         except sqlite3.Error as exc:
             raise LogFull(str(exc)) from exc
 
+    def probe(self) -> None:
+        # A committed one-page write: it fails as an append would while the disk is full.
+        try:
+            self._con.execute(
+                "CREATE TABLE IF NOT EXISTS writer_probe (id INTEGER PRIMARY KEY, at_ms INTEGER)"
+            )
+            self._con.execute("INSERT OR REPLACE INTO writer_probe VALUES (1, ?)", (now_ms(),))
+        except sqlite3.Error as exc:
+            raise LogFull(str(exc)) from exc
+
     def close(self) -> None:
         self._con.close()
 
