@@ -47,7 +47,7 @@ class RunningServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.write_key = WRITE_KEY
-        self.env = {**os.environ, **(env or {})}
+        self.env = {**os.environ, "HEADWATER_CONSOLE_PORT": "0", **(env or {})}
         self.env.pop("HEADWATER_DATA_DIR", None)
         if not config.config_path(data_dir).exists():
             settings = config.Settings(

@@ -253,19 +253,19 @@ def cmd_tail(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tail_line(event: dict[str, Any], as_json: bool) -> str:
+def _tail_line(item: dict[str, Any], as_json: bool) -> str:
+    event = item["event"]
     if as_json:
-        return json.dumps({k: v for k, v in event.items() if k != "seq"}, ensure_ascii=False)
+        return json.dumps({k: v for k, v in item.items() if k != "seq"}, ensure_ascii=False)
     who = event.get("userId") or f"anon:{event.get('anonymousId')}"
-    label = event.get("event") or ""
-    props = (
-        json.dumps(event.get("properties"), ensure_ascii=False) if event.get("properties") else ""
-    )
-    flags = " [bot]" if event.get("bot") else ""
-    if event.get("warnings"):
-        flags += f" [{', '.join(event['warnings'])}]"
+    label = (event.get("event") if event["type"] == "track" else event.get("name")) or ""
+    fields = event.get("properties") or event.get("traits")
+    props = json.dumps(fields, ensure_ascii=False) if fields else ""
+    flags = " [bot]" if item.get("bot") else ""
+    if item.get("warnings"):
+        flags += f" [{', '.join(item['warnings'])}]"
     return (
-        f"{event['timestamp']}  {event['source']:<10} {event['type']:<8} {label:<24}"
+        f"{event['timestamp']}  {item['source']:<10} {event['type']:<8} {label:<24}"
         f" {who:<20} {props}{flags}"
     )
 

@@ -1,9 +1,10 @@
-"""``headwater serve``: gateway worker processes, the pipeline and the admin API.
+"""``headwater serve``: gateway worker processes, the pipeline, deliveries and the console.
 
 The main process binds the listening socket, starts the gateway workers
 (each a uvicorn server with its own group-committing log writer), and runs
-the pipeline and the admin API itself.  SIGINT or SIGTERM stops the workers
-first (they finish in-flight requests and flush the log), then the pipeline.
+the pipeline, the delivery loops and the console (with its admin API)
+itself.  SIGINT or SIGTERM stops the workers first (they finish in-flight
+requests and flush the log), then the pipeline.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from headwater import config, destinations
-from headwater.admin import AdminServer
+from headwater.console.server import Console, ConsoleServer
 from headwater.destinations.delivery import DeliveryWorker
 from headwater.log.processed import ProcessedLog
 from headwater.log.sqlite import SQLiteLogReader, SQLiteLogWriter, log_path
@@ -116,7 +117,10 @@ class Server:
         pipeline = Pipeline(self.settings, reader, store, ProcessedLog(self.data_dir))
         delivery_stop = threading.Event()
         workers = start_deliveries(self.data_dir, self.settings, delivery_stop)
-        admin = AdminServer(self.data_dir, store, pipeline, workers)
+        console = Console(self.data_dir, self.settings, store, pipeline, workers)
+        console.public_port = self.port
+        console_settings = self.settings.console
+        admin = ConsoleServer(console, console_settings.host, console_settings.port)
         pipeline_stop = threading.Event()
         pipeline_thread = threading.Thread(
             target=pipeline.run, args=(pipeline_stop,), name="pipeline", daemon=True
@@ -130,6 +134,12 @@ class Server:
         print(
             f"headwater listening on http://{_url_host(self.host)}:{self.port}"
             f" ({self.workers} gateway workers, data in {self.data_dir})",
+            file=sys.stderr,
+            flush=True,
+        )
+        print(
+            f"console on http://{_url_host(self.settings.console.host)}:{admin.port}/"
+            " (sign in with console.admin_token from headwater.toml)",
             file=sys.stderr,
             flush=True,
         )
@@ -165,7 +175,7 @@ class Server:
         self.stop.set()
 
     def _write_run_file(self, admin_port: int) -> None:
-        info = {"host": self.host, "port": self.port, "admin_port": admin_port}
+        info = {"host": self.host, "port": self.port, "console_port": admin_port}
         path = self.data_dir / "run" / "serve.json"
         path.write_text(json.dumps(info))
 

@@ -7,13 +7,27 @@ import importlib
 from headwater.destinations.base import ConfigurationError, Destination, DestinationConfig
 from headwater.destinations.routing import validate_filters
 
-__all__ = ["KINDS", "ConfigurationError", "Destination", "DestinationConfig", "build"]
+__all__ = [
+    "KINDS",
+    "WAREHOUSE_KINDS",
+    "ConfigurationError",
+    "Destination",
+    "DestinationConfig",
+    "build",
+]
 
 # kind -> (module, class, the default name in a message's integrations object)
 KINDS: dict[str, tuple[str, str, str]] = {
     "webhook": ("headwater.destinations.webhook", "Webhook", "Webhooks"),
+    "mixpanel": ("headwater.destinations.mixpanel", "Mixpanel", "Mixpanel"),
+    "amplitude": ("headwater.destinations.amplitude", "Amplitude", "Amplitude"),
+    "kafka": ("headwater.destinations.kafka", "Kafka", "Kafka"),
     "files": ("headwater.destinations.files", "Files", "Files"),
 }
+
+
+# Kinds that receive events even when a message's integrations say All: false.
+WAREHOUSE_KINDS = frozenset({"postgres", "files"})
 
 
 def build(config: DestinationConfig) -> Destination:

@@ -15,7 +15,7 @@ import logging
 import random
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -78,6 +78,7 @@ class DeliveryWorker:
         self.cursor = self.state.committed(self.name)
         self.throttle = Throttle(self.config.max_events_per_second)
         self.last_error = ""
+        self._filtered: dict[str, deque[dict[str, Any]]] = {}
         self._thread = threading.Thread(target=self.run, name=f"deliver-{self.name}", daemon=True)
 
     def start(self) -> None:
@@ -85,6 +86,10 @@ class DeliveryWorker:
 
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
+
+    def filtered_samples(self) -> dict[str, list[dict[str, Any]]]:
+        """Up to ten recent events per filter reason (kept in memory only)."""
+        return {reason: list(events) for reason, events in self._filtered.items()}
 
     def pending(self) -> int:
         return self.log.pending_events(self.cursor)
@@ -129,6 +134,7 @@ class DeliveryWorker:
             if event is None:
                 counters[f"filtered:{reason}"] += 1
                 counters["filtered"] += 1
+                self._filtered.setdefault(reason, deque(maxlen=10)).append(item["event"])
                 continue
             size = len(_encode(event))
             if chunk and (len(chunk) >= limits.max_events or chunk_bytes + size > limits.max_bytes):

@@ -62,7 +62,7 @@ def _str(value: Any) -> str | None:
 class Tail:
     """The most recent stored events, for ``headwater tail``; memory is capped."""
 
-    def __init__(self, size: int = 2000) -> None:
+    def __init__(self, size: int = 1000) -> None:
         self._events: deque[dict[str, Any]] = deque(maxlen=size)
         self._seq = 0
         self._lock = threading.Lock()
@@ -118,9 +118,10 @@ class Pipeline:
                     duplicates += 1
                     continue
                 fresh[key] = record.received_ms
-                items.append(self._row(columns, record, message))
+                item = self._row(columns, record, message)
+                items.append(item)
                 if len(tail) < 200:
-                    tail.append(_summary(record.source, message, columns))
+                    tail.append(item)
             if items:
                 outgoing.append((record.offset, record.received_ms, len(items), _encode(items)))
         offset = records[-1].offset
@@ -184,14 +185,27 @@ class Pipeline:
         append("os").append(agent.os)
         append("device").append(agent.device)
         append("is_bot").append(is_bot)
-        append("campaign").append(_json(enrich.campaign(context)))
+        campaign = enrich.campaign(context)
+        append("campaign").append(_json(campaign))
         append("warnings").append(times.warnings or None)
         append("log_offset").append(record.offset)
         event = dict(msg)
         event["timestamp"] = format_ms(times.timestamp)
         event["originalTimestamp"] = format_ms(times.original)
         event["sentAt"] = format_ms(times.sent)
-        return {"source": record.source, "bot": is_bot, "warnings": times.warnings, "event": event}
+        enrichment = {
+            "browser": agent.browser,
+            "os": agent.os,
+            "device": agent.device,
+            "campaign": campaign,
+        }
+        return {
+            "source": record.source,
+            "bot": is_bot,
+            "warnings": times.warnings,
+            "enrichment": enrichment,
+            "event": event,
+        }
 
     def run(self, stop: threading.Event) -> None:
         idle = self.settings.pipeline.idle_poll_ms / 1000
@@ -238,22 +252,6 @@ def freshness_bucket(seconds: float) -> str:
 
 def _time(value: Any) -> int | None:
     return parse_ms(value) if isinstance(value, str) else None
-
-
-def _summary(source: str, msg: dict[str, Any], columns: dict[str, list[Any]]) -> dict[str, Any]:
-    return {
-        "source": source,
-        "type": msg["type"],
-        "event": msg.get("event") if msg["type"] == "track" else msg.get("name"),
-        "userId": msg.get("userId"),
-        "anonymousId": msg.get("anonymousId"),
-        "messageId": msg["messageId"],
-        "timestamp": format_ms(columns["timestamp"][-1]),
-        "receivedAt": format_ms(columns["received_at"][-1]),
-        "properties": msg.get("properties") or msg.get("traits"),
-        "bot": columns["is_bot"][-1],
-        "warnings": columns["warnings"][-1],
-    }
 
 
 def _now_ms() -> int:
