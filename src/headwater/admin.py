@@ -113,3 +113,10 @@ class AdminClient:
             "events"
         ]
         return events
+
+    def report(self) -> dict[str, Any]:
+        response = self._client.get("/api/report")
+        payload: dict[str, Any] = response.json()
+        if response.status_code != 200:
+            raise RuntimeError(payload.get("error", response.text))
+        return payload

@@ -440,6 +440,107 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _local_report(data_dir: Path) -> dict[str, Any]:
+    from headwater.console.server import report_inputs
+    from headwater.log.sqlite import SQLiteLogReader, log_path
+    from headwater.metrics import report
+    from headwater.store.duckdb import DuckDBStore, store_path
+
+    settings = config.load(data_dir)
+    if not store_path(data_dir).exists():
+        raise RuntimeError("no event store yet; start `headwater serve` first")
+    store = DuckDBStore(store_path(data_dir), read_only=True)
+    reader = SQLiteLogReader(log_path(data_dir))
+    try:
+        lag = reader.pending_events(store.committed("store"))
+        inputs = report_inputs(
+            data_dir, settings, lambda sql, params: store.query(sql, params).rows, lag
+        )
+        return report.build(inputs, settings.report, time.time_ns() // 1_000_000)
+    finally:
+        reader.close()
+        store.close()
+
+
+def _format_value(value: Any, unit: str) -> str:
+    if value is None:
+        return "-"
+    if unit == "ratio":
+        return f"{100 * value:.2f} %"
+    if isinstance(value, float):
+        return f"{value:.3f}" if value < 100 else f"{value:,.0f}"
+    return f"{value:,}"
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    data_dir = _data_dir(args)
+    client = AdminClient.connect(data_dir)
+    try:
+        result = client.report() if client is not None else _local_report(data_dir)
+    except RuntimeError as exc:
+        print(f"report failed: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+        return 0
+    levels = [
+        ("north_star", "North star"),
+        ("core", "Core metrics"),
+        ("indicator", "Supporting indicators"),
+        ("risk", "Risk factors"),
+    ]
+    rows_by_level: dict[str, list[tuple[Any, ...]]] = {}
+    for metric in result["metrics"]:
+        unit = metric["unit"]
+        trend = metric["trend"]
+        trend_text = (
+            "-" if trend is None else (("+" if trend >= 0 else "") + _format_value(trend, unit))
+        )
+        rows_by_level.setdefault(metric["level"], []).append(
+            (
+                metric["name"],
+                metric["stakeholder"],
+                _format_value(metric["value"], unit),
+                _format_value(metric["target"], unit),
+                metric["status"],
+                trend_text,
+            )
+        )
+    columns = ["metric", "for", "value", "target", "status", "trend"]
+    title = f"Success metrics over the last {result['period_hours']} h"
+    if args.markdown:
+        print(f"# {title}\n")
+        for level, heading in levels:
+            print(f"## {heading}\n")
+            print("| " + " | ".join(columns) + " |")
+            print("|" + "---|" * len(columns))
+            for row in rows_by_level.get(level, []):
+                print("| " + " | ".join(str(v) for v in row) + " |")
+            print()
+        print("## Definitions\n")
+        for metric in result["metrics"]:
+            print(f"- **{metric['name']}**: {metric['definition']}")
+        if result["anomalies"]:
+            print("\n## Anomalies\n")
+            for anomaly in result["anomalies"]:
+                print(
+                    f"- {anomaly['kind']} {anomaly['subject']}: {anomaly['direction']},"
+                    f" {anomaly['last_hour']} in the last hour against"
+                    f" {anomaly['hourly_mean']} per hour (z {anomaly['z']})"
+                )
+        return 0
+    print(title)
+    for level, heading in levels:
+        print(f"\n{heading}")
+        print_table(columns, rows_by_level.get(level, []))
+    print(f"\nanomalies: {len(result['anomalies'])}")
+    for anomaly in result["anomalies"]:
+        print(
+            f"  {anomaly['kind']} {anomaly['subject']}: {anomaly['direction']} (z {anomaly['z']})"
+        )
+    return 0
+
+
 def print_table(columns: list[str], rows: list[tuple[Any, ...]]) -> None:
     def cell(value: Any) -> str:
         if value is None:
@@ -560,6 +661,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", help="ISO-8601 time (received at or after)")
     p.add_argument("--until", help="ISO-8601 time (received before)")
     p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("report", parents=[common], help="the success-metrics report")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true")
+    fmt.add_argument("--markdown", action="store_true")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("status", parents=[common], help="counts per source and log lag")
     p.add_argument("--json", action="store_true")

@@ -150,8 +150,9 @@ def funnel(
     """People who did each step in order, each step within ``within_seconds`` of the first.
 
     A person enters at their first occurrence of step 1 in the window; step k
-    counts if it happens after step k-1 and no later than the entry time plus
-    the conversion window.
+    counts if it happens no earlier than step k-1 (strictly later when both
+    steps are the same event) and no later than the entry time plus the
+    conversion window.
     """
     if not 2 <= len(steps) <= 10:
         raise InsightError("steps: between 2 and 10 event names")
@@ -170,7 +171,8 @@ def funnel(
             ctes.append(
                 f"s{index} AS (SELECT p.person, min(e.timestamp) AS t, p.start"
                 f" FROM s{index - 1} p JOIN events e ON {PERSON_E} = p.person"
-                f" WHERE e.event = ? AND e.timestamp > p.t AND NOT coalesce(e.is_bot, false)"
+                f" WHERE e.event = ? AND e.timestamp {'>' if step == steps[index - 1] else '>='}"
+                " p.t AND NOT coalesce(e.is_bot, false)"
                 f" AND e.timestamp <= p.start + to_seconds(?) AND e.timestamp < make_timestamptz(?"
                 f" * 1000) GROUP BY p.person, p.start)"
             )
