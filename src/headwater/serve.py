@@ -23,10 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from headwater import config, destinations
+from headwater.console.alerts import AlertLoop
 from headwater.console.server import Console, ConsoleServer
 from headwater.destinations.delivery import DeliveryWorker
 from headwater.log.processed import ProcessedLog
 from headwater.log.sqlite import SQLiteLogReader, SQLiteLogWriter, log_path
+from headwater.metrics import report
 from headwater.pipeline.runner import Pipeline
 from headwater.store.duckdb import DuckDBStore, store_path
 
@@ -121,6 +123,13 @@ class Server:
         console.public_port = self.port
         console_settings = self.settings.console
         admin = ConsoleServer(console, console_settings.host, console_settings.port)
+        alerts = AlertLoop(
+            lambda: report.anomalies(
+                console.report_inputs(), _now_ms(), self.settings.report.anomaly_z
+            ),
+            self.settings.report.alert_webhook,
+            delivery_stop,
+        )
         pipeline_stop = threading.Event()
         pipeline_thread = threading.Thread(
             target=pipeline.run, args=(pipeline_stop,), name="pipeline", daemon=True
@@ -130,6 +139,7 @@ class Server:
         self._procs = [self._spawn(sock) for _ in range(self.workers)]
         pipeline_thread.start()
         admin.start()
+        alerts.start()
         self._write_run_file(admin.port)
         print(
             f"headwater listening on http://{_url_host(self.host)}:{self.port}"
@@ -196,6 +206,10 @@ def start_deliveries(
     for worker in workers:
         worker.start()
     return workers
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
 
 
 def _url_host(host: str) -> str:

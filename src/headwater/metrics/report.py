@@ -531,7 +531,8 @@ def build(inputs: Inputs, settings: ReportSettings, now_ms: int) -> dict[str, An
 def anomalies(inputs: Inputs, now_ms: int, z: float) -> list[dict[str, Any]]:
     """Events whose volume in the last hour is far from their hourly pattern (7 days)."""
     rows = inputs.query(
-        "SELECT event, (epoch_ms(received_at) - ?) // 3600000 AS hour, count(*) FROM events"
+        "SELECT event, floor((epoch_ms(received_at) - ?) / 3600000.0)::BIGINT AS hour,"
+        " count(*) FROM events"
         " WHERE type = 'track' AND received_at >= make_timestamptz(? * 1000)"
         " AND received_at < make_timestamptz(? * 1000) GROUP BY ALL",
         [now_ms, now_ms - 7 * 24 * HOUR_MS, now_ms],
