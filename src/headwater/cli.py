@@ -270,10 +270,10 @@ def _tail_line(item: dict[str, Any], as_json: bool) -> str:
     )
 
 
-def _destination(settings: config.Settings, name: str) -> Destination:
+def _destination(settings: config.Settings, name: str, data_dir: Path) -> Destination:
     for destination_config in settings.destinations:
         if destination_config.name == name:
-            return destinations.build(destination_config)
+            return destinations.build(destination_config, data_dir)
     raise config.ConfigError(f"destinations: no destination named {name!r}")
 
 
@@ -307,7 +307,7 @@ def cmd_destinations_check(args: argparse.Namespace) -> int:
         if args.name and destination_config.name != args.name:
             continue
         try:
-            destination = destinations.build(destination_config)
+            destination = destinations.build(destination_config, _data_dir(args))
             try:
                 destination.check()
             finally:
@@ -388,7 +388,7 @@ def cmd_deadletters_replay(args: argparse.Namespace) -> int:
         by_destination.setdefault(letter.destination, []).append(letter)
     failed_total = 0
     for name, group in by_destination.items():
-        destination = _destination(settings, name)
+        destination = _destination(settings, name, data_dir)
         try:
             delivered, failed = replay_dead_letters(
                 data_dir, destination, group, time.time_ns() // 1_000_000, _progress
@@ -415,7 +415,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         f" AND received_at < make_timestamptz({upper} * 1000)"
     )
     total = int(_run_query(data_dir, f"SELECT count(*) FROM events WHERE {where}").rows[0][0])
-    destination = _destination(settings, args.destination)
+    destination = _destination(settings, args.destination, data_dir)
     size = max(1, destination.config.batch.max_events)
 
     def batches() -> Iterator[list[dict[str, Any]]]:

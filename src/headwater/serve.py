@@ -199,7 +199,7 @@ def start_deliveries(
         if not destination_config.enabled:
             continue
         try:
-            destination = destinations.build(destination_config)
+            destination = destinations.build(destination_config, data_dir)
         except destinations.ConfigurationError as exc:
             raise config.ConfigError(str(exc)) from None
         workers.append(DeliveryWorker(data_dir, destination, stop))

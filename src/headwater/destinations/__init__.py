@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 from headwater.destinations.base import ConfigurationError, Destination, DestinationConfig
 from headwater.destinations.routing import validate_filters
@@ -19,6 +20,7 @@ __all__ = [
 # kind -> (module, class, the default name in a message's integrations object)
 KINDS: dict[str, tuple[str, str, str]] = {
     "webhook": ("headwater.destinations.webhook", "Webhook", "Webhooks"),
+    "postgres": ("headwater.destinations.postgres", "Postgres", "Postgres"),
     "mixpanel": ("headwater.destinations.mixpanel", "Mixpanel", "Mixpanel"),
     "amplitude": ("headwater.destinations.amplitude", "Amplitude", "Amplitude"),
     "kafka": ("headwater.destinations.kafka", "Kafka", "Kafka"),
@@ -26,12 +28,18 @@ KINDS: dict[str, tuple[str, str, str]] = {
 }
 
 
+# Kinds whose settings may hold paths relative to the data directory.
+FILE_KINDS = frozenset({"files"})
+
 # Kinds that receive events even when a message's integrations say All: false.
 WAREHOUSE_KINDS = frozenset({"postgres", "files"})
 
 
-def build(config: DestinationConfig) -> Destination:
-    """A destination from its configuration; ``ConfigurationError`` names the setting."""
+def build(config: DestinationConfig, data_dir: Path | None = None) -> Destination:
+    """A destination from its configuration; ``ConfigurationError`` names the setting.
+
+    Kinds that keep files resolve relative paths against ``data_dir``.
+    """
     if config.kind not in KINDS:
         raise ConfigurationError(
             f"destinations.{config.name}.kind: {config.kind!r} is not one of"
@@ -42,5 +50,9 @@ def build(config: DestinationConfig) -> Destination:
         config.integration_name = integration_name
     validate_filters(config)
     module = importlib.import_module(module_name)
-    destination: Destination = getattr(module, class_name)(config)
+    factory = getattr(module, class_name)
+    if config.kind in FILE_KINDS:
+        destination: Destination = factory(config, data_dir)
+    else:
+        destination = factory(config)
     return destination
