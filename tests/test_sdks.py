@@ -130,17 +130,36 @@ def loads(value: str | None) -> Any:
     return None if value is None else json.loads(value)
 
 
-def rows_by_id(server: RunningServer, expected: int) -> dict[str, dict[str, Any]]:
-    """Every stored row, keyed by messageId; fails on a missing or duplicated row."""
+def sql_list(values: list[str]) -> str:
+    return ", ".join("'" + v.replace("'", "''") + "'" for v in values)
+
+
+def rows_by_id(server: RunningServer, ids: list[str]) -> dict[str, dict[str, Any]]:
+    """The stored rows of these messageIds; fails on a missing or duplicated row."""
+    where = f"message_id IN ({sql_list(ids)})"
     deadline = time.monotonic() + 10
-    rows = server.events()
-    while len(rows) < expected and time.monotonic() < deadline:
+    rows = server.events(where)
+    while len(rows) < len(ids) and time.monotonic() < deadline:
         time.sleep(0.05)
-        rows = server.events()
+        rows = server.events(where)
     by_id = {row["message_id"]: row for row in rows}
     assert len(by_id) == len(rows), f"duplicate rows: {[r['message_id'] for r in rows]}"
-    assert len(rows) == expected, f"expected {expected} rows, got {len(rows)}: {sorted(by_id)}"
+    assert sorted(by_id) == sorted(ids), f"expected rows for {sorted(ids)}, got {sorted(by_id)}"
     return by_id
+
+
+def counters(server: RunningServer) -> dict[str, int]:
+    server.settle()
+    result: dict[str, int] = server.admin.status()["counters"]
+    return result
+
+
+@pytest.fixture(scope="module")
+def hw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """One server for the module; tests look only at their own messageIds."""
+    server = RunningServer(tmp_path_factory.mktemp("sdks")).start()
+    yield server
+    server.stop()
 
 
 def assert_stored(
@@ -279,7 +298,11 @@ class LostResponseProxy:
 
 
 def assert_retried_once_stored_once(
-    server: RunningServer, proxy: LostResponseProxy, ids: list[str], retry_header: bool
+    server: RunningServer,
+    proxy: LostResponseProxy,
+    ids: list[str],
+    retry_header: bool,
+    before: dict[str, int],
 ) -> None:
     """Two deliveries of one batch, same messageIds, one stored row each; a
     third, byte-identical replay of the SDK's request is also absorbed."""
@@ -290,8 +313,7 @@ def assert_retried_once_stored_once(
     if retry_header:
         assert "x-retry-count" not in first.headers
         assert retry.headers.get("x-retry-count") == "1"
-    rows = rows_by_id(server, len(ids))
-    assert sorted(rows) == sorted(ids)
+    rows_by_id(server, ids)
 
     replay = httpx.post(
         server.url + first.path,
@@ -300,16 +322,16 @@ def assert_retried_once_stored_once(
         timeout=10,
     )
     assert replay.status_code == 200, replay.text
-    assert sorted(rows_by_id(server, len(ids))) == sorted(ids)
-    counters = server.admin.status()["counters"]
-    assert counters.get("stored") == len(ids), counters
-    assert counters.get("duplicates") == 2 * len(ids), counters
+    rows_by_id(server, ids)
+    after = counters(server)
+    for name, expected in (("stored", len(ids)), ("duplicates", 2 * len(ids))):
+        assert after.get(name, 0) - before.get(name, 0) == expected, (name, before, after)
 
 
 # --- segment-analytics-python --------------------------------------------------
 
 
-def segment_calls(client: SegmentClient) -> list[dict[str, Any]]:
+def segment_calls(client: SegmentClient, run: str) -> list[dict[str, Any]]:
     """One of each call, as an application would make them; returns the sent messages."""
     results = [
         client.identify(
@@ -327,7 +349,7 @@ def segment_calls(client: SegmentClient) -> list[dict[str, Any]]:
             context={"locale": "ja-JP", "traits": {"tier": "gold"}},
             timestamp=datetime(2024, 3, 9, 18, 45, 30, 999000, tzinfo=PST),
             integrations={"Segment.io": True, "Google Analytics": {"clientId": "123.456"}},
-            message_id="explicit-track-1",
+            message_id=f"explicit-track-{run}",
         ),
         client.page(
             user_id="user-ü-1",
@@ -362,11 +384,12 @@ def segment_calls(client: SegmentClient) -> list[dict[str, Any]]:
     [(False, False), (False, True), (True, False), (True, True)],
     ids=["async-plain", "async-gzip", "sync-plain", "sync-gzip"],
 )
-def test_segment_python_round_trip(server: RunningServer, sync_mode: bool, use_gzip: bool) -> None:
+def test_segment_python_round_trip(hw: RunningServer, sync_mode: bool, use_gzip: bool) -> None:
+    run = uuid.uuid4().hex[:12]
     failures: list[Any] = []
     client = SegmentClient(
-        server.write_key,
-        host=server.url,
+        hw.write_key,
+        host=hw.url,
         sync_mode=sync_mode,
         gzip=use_gzip,
         max_retries=2,
@@ -374,7 +397,7 @@ def test_segment_python_round_trip(server: RunningServer, sync_mode: bool, use_g
     )
     start = now_ms()
     try:
-        sent = segment_calls(client)
+        sent = segment_calls(client, run)
         if not sync_mode:
             client.flush()
     finally:
@@ -383,7 +406,7 @@ def test_segment_python_round_trip(server: RunningServer, sync_mode: bool, use_g
     window = (start, now_ms())
     assert failures == []
 
-    rows = rows_by_id(server, len(sent))
+    rows = rows_by_id(hw, [m["messageId"] for m in sent])
     for message in sent:
         row = rows[message["messageId"]]
         assert_stored(row, message, window=window)
@@ -393,7 +416,7 @@ def test_segment_python_round_trip(server: RunningServer, sync_mode: bool, use_g
     identify, _track, page, bare_page, screen, group, alias, numeric = sent
     by_type = {m["type"]: rows[m["messageId"]] for m in (identify, screen, group, alias)}
     # Spot checks in the stored form, independent of the SDK's own message dicts.
-    row = rows["explicit-track-1"]
+    row = rows[f"explicit-track-{run}"]
     assert row["event"] == "Ordër Completed 🚀"
     assert json.loads(row["properties"])["big"] == 1180591620717411303424
     assert json.loads(row["properties"])["negative_big"] == -18446744073709551617
@@ -417,9 +440,10 @@ def test_segment_python_round_trip(server: RunningServer, sync_mode: bool, use_g
         assert start <= ms(row["original_timestamp"]) <= ms(row["sent_at"])
 
 
-def test_segment_python_retry_keeps_message_id(server: RunningServer) -> None:
-    with LostResponseProxy(server.url) as proxy:
-        client = SegmentClient(server.write_key, host=proxy.url, gzip=True, max_retries=3)
+def test_segment_python_retry_keeps_message_id(hw: RunningServer) -> None:
+    before = counters(hw)
+    with LostResponseProxy(hw.url) as proxy:
+        client = SegmentClient(hw.write_key, host=proxy.url, gzip=True, max_retries=3)
         try:
             sent = [
                 client.track(user_id="retry-user", event=f"Retried {n}", properties={"n": n})[1]
@@ -433,40 +457,37 @@ def test_segment_python_retry_keeps_message_id(server: RunningServer) -> None:
         "retry_count" in inspect.signature(segment.analytics.request.post).parameters
     )
     assert_retried_once_stored_once(
-        server, proxy, [m["messageId"] for m in sent], retry_header=sends_retry_count
+        hw, proxy, [m["messageId"] for m in sent], sends_retry_count, before
     )
 
 
-def test_segment_python_resend_of_same_batch_is_stored_once(server: RunningServer) -> None:
+def test_segment_python_resend_of_same_batch_is_stored_once(hw: RunningServer) -> None:
     """The SDK's own ``post`` called twice with one batch, as its consumer does on retry."""
-    client = SegmentClient(server.write_key, host=server.url, send=False)
+    client = SegmentClient(hw.write_key, host=hw.url, send=False)
     _, message = client.track(user_id="twice", event="Sent Twice", properties={"x": 1})
+    before = counters(hw)
     start = now_ms()
     for _attempt in range(2):
-        response = segment.analytics.request.post(
-            server.write_key, server.url, gzip=True, batch=[message]
-        )
+        response = segment.analytics.request.post(hw.write_key, hw.url, gzip=True, batch=[message])
         assert response.status_code == 200
-    rows = rows_by_id(server, 1)
+    rows = rows_by_id(hw, [message["messageId"]])
     assert_stored(rows[message["messageId"]], message, window=(start, now_ms()))
-    assert server.admin.status()["counters"].get("duplicates") == 1
+    assert counters(hw).get("duplicates", 0) - before.get("duplicates", 0) == 1
 
 
-def test_segment_python_clock_skew_is_corrected(server: RunningServer) -> None:
+def test_segment_python_clock_skew_is_corrected(hw: RunningServer) -> None:
     """A device clock an hour slow: the SDK's timestamp and sentAt are both off by
     the same hour, and the stored timestamp lands back on the server's clock."""
-    client = SegmentClient(server.write_key, host=server.url, send=False)
+    client = SegmentClient(hw.write_key, host=hw.url, send=False)
     start = now_ms()
     slow = datetime.now(UTC) - timedelta(hours=1)
     _, message = client.track(
         user_id="skewed", event="Skewed Clock", timestamp=slow - timedelta(seconds=5)
     )
     sent_at = slow.isoformat(timespec="milliseconds")
-    response = segment.analytics.request.post(
-        server.write_key, server.url, batch=[message], sentAt=sent_at
-    )
+    response = segment.analytics.request.post(hw.write_key, hw.url, batch=[message], sentAt=sent_at)
     assert response.status_code == 200
-    row = rows_by_id(server, 1)[message["messageId"]]
+    row = rows_by_id(hw, [message["messageId"]])[message["messageId"]]
     assert_stored(row, message, window=(start - 3_600_000, now_ms()), sent_at=sent_at)
     assert ms(sent_at) - ms(message["timestamp"]) == 5000
     assert ms(row["original_timestamp"]) < start - 3_600_000
@@ -481,10 +502,10 @@ def test_segment_python_clock_skew_is_corrected(server: RunningServer) -> None:
     "for client-side libraries or context.direct=true (CONTRACT.md section 3.3), so "
     "events from a backend get the backend's address.",
 )
-def test_server_side_sdk_events_keep_no_ip(server: RunningServer) -> None:
-    client = SegmentClient(server.write_key, host=server.url, sync_mode=True)
+def test_server_side_sdk_events_keep_no_ip(hw: RunningServer) -> None:
+    client = SegmentClient(hw.write_key, host=hw.url, sync_mode=True)
     _, message = client.track(user_id="backend-user", event="Server Side")
-    [row] = rows_by_id(server, 1).values()
+    [row] = rows_by_id(hw, [message["messageId"]]).values()
     assert json.loads(row["context"]) == message["context"]
 
 
@@ -529,8 +550,8 @@ def rudder_calls(client: RudderClient) -> list[dict[str, Any]]:
     return [message for _, message in results]
 
 
-def test_rudder_python_round_trip(server: RunningServer) -> None:
-    client = RudderClient(server.write_key, host=server.url, max_retries=2)
+def test_rudder_python_round_trip(hw: RunningServer) -> None:
+    client = RudderClient(hw.write_key, host=hw.url, max_retries=2)
     assert client.gzip is True, "rudder-sdk-python should gzip by default"
     start = now_ms()
     try:
@@ -540,7 +561,7 @@ def test_rudder_python_round_trip(server: RunningServer) -> None:
         client.join()
     window = (start, now_ms())
 
-    rows = rows_by_id(server, len(sent))
+    rows = rows_by_id(hw, [m["messageId"] for m in sent])
     for message in sent:
         row = rows[message["messageId"]]
         assert_stored(row, message, window=window)
@@ -564,11 +585,11 @@ def test_rudder_python_round_trip(server: RunningServer) -> None:
 
 
 def test_rudder_python_module_api_with_data_plane_url(
-    server: RunningServer, monkeypatch: pytest.MonkeyPatch
+    hw: RunningServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The documented module-level setup: write_key plus dataPlaneUrl, gzip on by default."""
-    monkeypatch.setattr(rudder_analytics, "write_key", server.write_key)
-    monkeypatch.setattr(rudder_analytics, "dataPlaneUrl", server.url)
+    monkeypatch.setattr(rudder_analytics, "write_key", hw.write_key)
+    monkeypatch.setattr(rudder_analytics, "dataPlaneUrl", hw.url)
     monkeypatch.setattr(rudder_analytics, "default_client", None)
     start = now_ms()
     try:
@@ -582,7 +603,8 @@ def test_rudder_python_module_api_with_data_plane_url(
         if rudder_analytics.default_client is not None:
             rudder_analytics.shutdown()
     end = now_ms()
-    rows = list(rows_by_id(server, 2).values())
+    rows = hw.events("user_id = 'module-user'")
+    assert len(rows) == 2, rows
     track, identify = sorted(rows, key=lambda r: r["type"], reverse=True)
     for row in rows:
         assert uuid.UUID(row["message_id"]).version == 4
@@ -597,9 +619,10 @@ def test_rudder_python_module_api_with_data_plane_url(
     assert json.loads(identify["context"])["traits"] == {"name": "Zoë"}
 
 
-def test_rudder_python_retry_keeps_message_id(server: RunningServer) -> None:
-    with LostResponseProxy(server.url) as proxy:
-        client = RudderClient(server.write_key, host=proxy.url, max_retries=3)
+def test_rudder_python_retry_keeps_message_id(hw: RunningServer) -> None:
+    before = counters(hw)
+    with LostResponseProxy(hw.url) as proxy:
+        client = RudderClient(hw.write_key, host=proxy.url, max_retries=3)
         try:
             sent = [
                 client.track(user_id="retry-user", event=f"Retried {n}", properties={"n": n})[1]
@@ -608,9 +631,7 @@ def test_rudder_python_retry_keeps_message_id(server: RunningServer) -> None:
             client.flush()
         finally:
             client.join()
-    assert_retried_once_stored_once(
-        server, proxy, [m["messageId"] for m in sent], retry_header=False
-    )
+    assert_retried_once_stored_once(hw, proxy, [m["messageId"] for m in sent], False, before)
 
 
 # --- @segment/analytics-node -------------------------------------------------------
@@ -669,25 +690,25 @@ def run_node(node_bin: str, host: str, write_key: str) -> dict[str, Any]:
 
 
 @pytest.mark.node
-def test_segment_node_round_trip(server: RunningServer, node: str) -> None:
+def test_segment_node_round_trip(hw: RunningServer, node: str) -> None:
     calls = json.loads((NODE_DIR / "calls.json").read_text())
     start = now_ms()
-    report = run_node(node, server.url, server.write_key)
+    report = run_node(node, hw.url, hw.write_key)
     window = (start, now_ms())
     assert report["errors"] == []
     assert report["library"] == {"name": "@segment/analytics-node", "version": NODE_SDK_VERSION}
     assert report["responses"] == [200]
     [request] = report["requests"]
-    assert request["url"] == f"{server.url}/v1/batch"
+    assert request["url"] == f"{hw.url}/v1/batch"
     body = request["body"]
-    assert body["writeKey"] == server.write_key
+    assert body["writeKey"] == hw.write_key
     sent = body["batch"]
     ids = report["messageIds"]
     assert [m["messageId"] for m in sent] == ids
     assert ids[-1] == "node-explicit-alias-1"
     assert all(i.startswith("node-next-") for i in ids[:-1])
 
-    rows = rows_by_id(server, len(sent))
+    rows = rows_by_id(hw, [m["messageId"] for m in sent])
     for call, message in zip(calls, sent, strict=True):
         row = rows[message["messageId"]]
         assert_stored(row, message, window=window, sent_at=body["sentAt"])
@@ -729,8 +750,10 @@ def test_segment_node_round_trip(server: RunningServer, node: str) -> None:
 
 @pytest.mark.node
 def test_segment_node_retry_keeps_message_id(server: RunningServer, node: str) -> None:
+    # A server of its own: calls.json carries a fixed messageId, already stored on hw.
+    before = counters(server)
     with LostResponseProxy(server.url) as proxy:
         report = run_node(node, proxy.url, server.write_key)
     assert report["errors"] == []
     assert report["responses"] == [503, 200]
-    assert_retried_once_stored_once(server, proxy, report["messageIds"], retry_header=True)
+    assert_retried_once_stored_once(server, proxy, report["messageIds"], True, before)
