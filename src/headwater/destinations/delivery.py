@@ -169,11 +169,25 @@ class DeliveryWorker:
             if outcome.kind == "delivered":
                 self._delivered(events, outcome, counters, dead, attempt, first)
                 return True
-            if outcome.completed:
+            if outcome.completed or outcome.rejected:
+                # Leading events went through; rejected ones never will: settle both
+                # now, and retry only what is left.
+                done = outcome.completed
+                early = {i: r for i, r in outcome.rejected.items() if i < done}
                 self._delivered(
-                    events[: outcome.completed], Outcome.delivered(), counters, dead, attempt, first
+                    events[:done], Outcome.delivered(rejected=early), counters, dead, attempt, first
                 )
-                events = events[outcome.completed :]
+                remaining = []
+                for index, event in enumerate(events[done:], start=done):
+                    if index in outcome.rejected:
+                        reason = f"rejected: {outcome.rejected[index]}"
+                        dead.append(self._dead(event, reason, attempt, outcome, first))
+                        counters["dead_lettered"] += 1
+                    else:
+                        remaining.append(event)
+                events = remaining
+                if not events:
+                    return True
             counters["failed"] += 1
             self.last_error = f"{outcome.status} {outcome.message[:200]}"
             elapsed_s = (now_ms() - first) / 1000
