@@ -461,7 +461,7 @@ def test_overload_answers_503_with_bounded_memory(make_server: MakeServer) -> No
     workers = _children(server.proc.pid)
     baseline = max(rss_mb(pid) for pid in workers)
     # About 270 KB a request, from more clients than the log lets wait.
-    load = Load(server.url, "big", threads=12, batch=250, per_thread=25, seconds=15, pad=1000)
+    load = Load(server.url, "big", threads=12, batch=250, per_thread=15, seconds=15, pad=1000)
     load.start()
     peak = baseline
     while load.running():
