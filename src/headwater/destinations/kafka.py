@@ -190,19 +190,26 @@ class Kafka:
             log.error("destination %s: fatal producer error %s", self.config.name, describe(error))
 
     def check(self) -> None:
+        """Read the cluster's metadata; the topic must exist and have partitions.
+
+        All topics are listed rather than the one, since asking a broker that
+        creates topics on demand about a single topic would create it.
+        """
         where = f"destinations.{self.config.name}.settings"
         try:
-            metadata = self.producer.list_topics(topic=self.topic, timeout=CHECK_TIMEOUT_S)
+            metadata = self.producer.list_topics(timeout=CHECK_TIMEOUT_S)
         except KafkaException as exc:
             raise ConfigurationError(
                 f"{where}.bootstrap_servers: no answer from {self.bootstrap_servers}: {exc}"
             ) from None
         topic = metadata.topics.get(self.topic)
-        if topic is None or topic.error is not None:
-            reason = describe(topic.error) if topic is not None and topic.error else "not listed"
+        if topic is None:
             raise ConfigurationError(
-                f"{where}.topic: {self.topic!r} is not usable on {self.bootstrap_servers}: {reason}"
+                f"{where}.topic: {self.topic!r} does not exist on {self.bootstrap_servers}"
+                " (or this client may not see it)"
             )
+        if topic.error is not None:
+            raise ConfigurationError(f"{where}.topic: {self.topic!r}: {describe(topic.error)}")
         if not topic.partitions:
             raise ConfigurationError(f"{where}.topic: {self.topic!r} has no partitions")
 
