@@ -11,6 +11,9 @@ import time
 from datetime import UTC, datetime, timedelta
 
 MIN_PLAUSIBLE_MS = 0  # 1970-01-01T00:00:00Z
+# What readers (Python's datetime, most warehouses) can represent, in UTC.
+MIN_MS = -62_135_596_800_000  # 0001-01-01T00:00:00Z
+MAX_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _FRACTION = re.compile(r"(\.\d{6})\d+")
 
@@ -18,7 +21,8 @@ _FRACTION = re.compile(r"(\.\d{6})\d+")
 def parse_ms(text: str) -> int | None:
     """Parse an ISO-8601 time with any precision and offset; None if unparseable.
 
-    A time without an offset is taken as UTC.
+    A time without an offset is taken as UTC.  Times outside years 1 to 9999
+    in UTC are unparseable too.
     """
     if not 10 <= len(text) <= 40:
         return None
@@ -35,7 +39,9 @@ def parse_ms(text: str) -> int | None:
         delta = parsed - _EPOCH
     except OverflowError:
         return None
-    return delta.days * 86_400_000 + delta.seconds * 1000 + delta.microseconds // 1000
+    ms = delta.days * 86_400_000 + delta.seconds * 1000 + delta.microseconds // 1000
+    # An offset can carry a time past year 1 or 9999 in UTC; refuse it like year -25.
+    return ms if MIN_MS <= ms <= MAX_MS else None
 
 
 def format_ms(ms: int) -> str:
@@ -44,7 +50,8 @@ def format_ms(ms: int) -> str:
     if seconds >= 0:
         return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
     moment = _EPOCH + timedelta(milliseconds=ms)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{millis:03d}Z"
+    # strftime's %Y does not pad years before 1000 on every platform.
+    return f"{moment.year:04d}-{moment:%m-%dT%H:%M:%S}.{millis:03d}Z"
 
 
 class EventTimes:
