@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 
@@ -88,7 +89,18 @@ class Committer:
             return group or None
 
     def _run(self) -> None:
-        writer = self._open_writer()
+        while True:
+            try:
+                writer = self._open_writer()
+                break
+            except Exception as exc:  # the log cannot even be opened: fail requests, retry
+                self.healthy = False
+                self.last_error = f"cannot open the log: {exc}"
+                group = self._next_group()
+                if group is None:
+                    return
+                self._finish(group, LogFull(self.last_error))
+                time.sleep(PROBE_SECONDS)
         try:
             while (group := self._next_group()) is not None:
                 if not group:
@@ -102,16 +114,21 @@ class Committer:
                 try:
                     writer.append([entry for entry, _ in group])
                     self.healthy = True
-                except LogFull as exc:
+                except Exception as exc:  # LogFull, or anything unexpected: never hang
                     error = exc
                     self.healthy = False
                     self.last_error = str(exc)
-                with self._cond:
-                    self._pending_bytes -= sum(len(entry.payload) for entry, _ in group)
-                assert self._loop is not None
-                self._loop.call_soon_threadsafe(_settle, [f for _, f in group], error)
+                self._finish(group, error)
         finally:
             writer.close()
+
+    def _finish(
+        self, group: list[tuple[Entry, asyncio.Future[None]]], error: Exception | None
+    ) -> None:
+        with self._cond:
+            self._pending_bytes -= sum(len(entry.payload) for entry, _ in group)
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(_settle, [f for _, f in group], error)
 
 
 def _settle(futures: list[asyncio.Future[None]], error: Exception | None) -> None:

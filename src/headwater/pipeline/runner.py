@@ -208,24 +208,25 @@ class Pipeline:
         }
 
     def run(self, stop: threading.Event) -> None:
+        """Process batches until stopped; a failing step or prune is retried, never fatal."""
         idle = self.settings.pipeline.idle_poll_ms / 1000
         last_prune = 0.0
         retention_ms = self.settings.log.retention_hours * HOUR_MS
         while not stop.is_set():
             try:
                 read = self.step()
+                now = time.monotonic()
+                if now - last_prune > 60:
+                    last_prune = now
+                    self.dedup.expire(_now_ms())
+                    pruned = self.reader.prune(_now_ms() - retention_ms)
+                    pruned += self.processed.prune(_now_ms() - retention_ms)
+                    if pruned:
+                        log.info("pruned %d log records", pruned)
             except Exception:
                 log.exception("pipeline step failed; retrying")
                 stop.wait(1.0)
                 continue
-            now = time.monotonic()
-            if now - last_prune > 60:
-                last_prune = now
-                self.dedup.expire(_now_ms())
-                pruned = self.reader.prune(_now_ms() - retention_ms)
-                pruned += self.processed.prune(_now_ms() - retention_ms)
-                if pruned:
-                    log.info("pruned %d log records", pruned)
             if not read:
                 stop.wait(idle)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -89,7 +90,8 @@ class DuckDBStore:
                         )
                 con.execute("COMMIT")
             except BaseException:
-                con.execute("ROLLBACK")
+                with contextlib.suppress(duckdb.Error):  # a failed COMMIT already ended it
+                    con.execute("ROLLBACK")
                 raise
 
     def recent_keys(self, since_ms: int) -> Iterator[tuple[str, str, int]]:
