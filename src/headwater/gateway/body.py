@@ -46,7 +46,11 @@ def too_large(limit: int) -> Rejection:
 
 
 def decompress(body: bytes, encoding: str, limit: int) -> bytes:
-    """Undo ``Content-Encoding``; the decompressed size is capped at ``limit``."""
+    """Undo ``Content-Encoding``; the decompressed size is capped at ``limit``.
+
+    A gzip body may hold several members (RFC 1952) and zero padding after
+    them; any other byte after the end of the stream is corruption.
+    """
     encoding = encoding.strip().lower()
     if encoding in ("", "identity"):
         return body
@@ -58,24 +62,34 @@ def decompress(body: bytes, encoding: str, limit: int) -> bytes:
             status=415,
         )
     wbits = 16 + zlib.MAX_WBITS if encoding != "deflate" else zlib.MAX_WBITS
-    inflater = zlib.decompressobj(wbits)
-    try:
-        out = inflater.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise Rejection(
-            "decompression_failed",
-            "body",
-            f"the body could not be decompressed as {encoding}: {exc}",
-        ) from None
-    if len(out) > limit or inflater.unconsumed_tail:
-        raise too_large(limit)
-    if not inflater.eof:
-        raise Rejection(
-            "decompression_failed",
-            "body",
-            f"the body could not be decompressed as {encoding}: the stream is truncated",
-        )
-    return out
+    parts: list[bytes] = []
+    size = 0
+    rest = body
+    while True:
+        inflater = zlib.decompressobj(wbits)
+        try:
+            part = inflater.decompress(rest, limit + 1 - size)
+        except zlib.error as exc:
+            raise undecodable(encoding, str(exc)) from None
+        parts.append(part)
+        size += len(part)
+        if size > limit or inflater.unconsumed_tail:
+            raise too_large(limit)
+        if not inflater.eof:
+            raise undecodable(encoding, "the stream is truncated")
+        rest = inflater.unused_data.lstrip(b"\x00")
+        if not rest:
+            return b"".join(parts)
+        if encoding == "deflate" or not rest.startswith(b"\x1f\x8b"):
+            raise undecodable(encoding, f"{len(rest)} bytes follow the end of the stream")
+
+
+def undecodable(encoding: str, reason: str) -> Rejection:
+    return Rejection(
+        "decompression_failed",
+        "body",
+        f"the body could not be decompressed as {encoding}: {reason}",
+    )
 
 
 def parse_json(body: bytes) -> Any:
