@@ -8,6 +8,11 @@ durable.
 Batch policy: a batch is accepted or refused as a whole.  One bad message
 refuses the request with a 400 naming it (``batch[3].userId``) and nothing of
 it is written, so a client never sees a partial write it cannot detect.
+
+Limits, each refused with a 400 that states it: the request body after
+decompression, messages per batch, one message as compact UTF-8 JSON (by
+default 500 KiB, 2,500 and 32 KiB; see ``config.LimitSettings``), and nesting
+(``spec.message.MAX_DEPTH`` levels).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from headwater import config
 from headwater.gateway import body as bodies
 from headwater.gateway.committer import Committer, Overloaded
 from headwater.log.base import Entry, LogFull
-from headwater.spec.message import Rejection, Stamp, normalize, scrub_nul
+from headwater.spec.message import MAX_DEPTH, Rejection, Stamp, check_depth, normalize, scrub_nul
 from headwater.spec.timestamps import format_ms
 
 log = logging.getLogger("headwater.gateway")
@@ -275,6 +280,8 @@ class Gateway:
         document = bodies.parse_json(data)
         if not isinstance(document, dict):
             raise Rejection("invalid_json", "body", "the body must be a JSON object")
+        if bodies.nests_deeper(data, MAX_DEPTH):
+            check_depth(document, path_type is None)
         if b"\\u0000" in data:
             document = scrub_nul(document)
         source = self._source(headers, document.get("writeKey"), scope.get("query_string", b""))
@@ -352,6 +359,7 @@ class Gateway:
                 node = child
             node[leaf] = value
         try:
+            check_depth(message, batch=False)
             source = self._source(headers, None, query)
             await self._accept(scope, headers, source, message, kind, len(query))
         except Rejection as rejection:

@@ -17,6 +17,9 @@ TIME_FIELDS = ("timestamp", "originalTimestamp", "sentAt")
 OBJECT_FIELDS = ("properties", "traits", "context", "integrations")
 NUL = "\x00"
 REPLACEMENT = "\ufffd"
+# Levels of objects and arrays in one message, the message itself counted.  Deeper
+# input is refused: it breaks JSON encoders downstream (orjson stops at 255).
+MAX_DEPTH = 64
 
 
 class Rejection(Exception):
@@ -156,6 +159,40 @@ def normalize(msg: Any, path_type: str | None, stamp: Stamp, where: str = "") ->
             context["ip"] = stamp.ip
     checked: dict[str, Any] = msg
     return checked
+
+
+def check_depth(document: dict[str, Any], batch: bool) -> None:
+    """Refuse a message nesting deeper than ``MAX_DEPTH`` levels, naming its field.
+
+    A batch's own ``context`` and ``integrations`` are merged into every
+    message, so the envelope's fields count as message fields.
+    """
+    messages = document.get("batch") if batch else None
+    if isinstance(messages, list):
+        envelope = {k: v for k, v in document.items() if k != "batch"}
+        _check_depth(envelope, "")
+        for index, message in enumerate(messages):
+            if isinstance(message, dict):
+                _check_depth(message, f"batch[{index}].")
+    else:
+        _check_depth(document, "")
+
+
+def _check_depth(msg: dict[str, Any], where: str) -> None:
+    for key, value in msg.items():
+        # Iterative over containers only, so the check cannot exhaust the stack.
+        pending: list[tuple[Any, int]] = [(value, 2)] if isinstance(value, dict | list) else []
+        while pending:
+            node, level = pending.pop()
+            if level > MAX_DEPTH:
+                raise Rejection(
+                    "too_deep",
+                    f"{where}{key}",
+                    f"objects and arrays nest deeper than {MAX_DEPTH} levels (the limit per"
+                    " message, the message itself counted)",
+                )
+            children = node.values() if isinstance(node, dict) else node
+            pending.extend((c, level + 1) for c in children if isinstance(c, dict | list))
 
 
 def scrub_nul(value: Any) -> Any:
