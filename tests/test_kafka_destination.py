@@ -172,6 +172,35 @@ def test_oversized_event_is_dead_lettered_alone(
     assert "MSG_SIZE_TOO_LARGE" in letter.reason
 
 
+def test_oversized_event_settled_while_the_rest_waits_for_the_broker(
+    make_server: Callable[..., RunningServer], kafka_broker: KafkaBroker, kafka_topic: str
+) -> None:
+    destination = kafka(
+        "stream",
+        kafka_broker.bootstrap_servers,
+        kafka_topic,
+        settings={"delivery_timeout_seconds": 1, "producer_config": {"message.max.bytes": 4000}},
+        retry=RetrySettings(max_attempts=1000, base_ms=200, max_backoff_ms=500),
+    )
+    server = make_server(destinations=[destination])
+    kafka_broker.stop()
+    try:
+        batch = [track(i, user=f"u-{i % 2}") for i in range(6)]
+        batch[3]["properties"]["blob"] = "x" * 6000
+        assert server.post("/v1/batch", {"batch": batch}).status_code == 200
+        deadline = time.monotonic() + 30
+        while not status_of(server, "stream").get("last_error"):
+            assert time.monotonic() < deadline, status_of(server, "stream")
+            time.sleep(0.2)
+    finally:
+        kafka_broker.start()
+    records = kafka_broker.consume(kafka_topic, 5, timeout=60)
+    assert sorted(r.value["messageId"] for r in records) == ["m-0", "m-1", "m-2", "m-4", "m-5"]
+    counters = settle_deliveries(server, timeout=60)["stream"]["counters"]
+    assert counters["delivered"] == 5 and counters["dead_lettered"] == 1
+    assert counters["retried"] >= 1 and reconciled(counters) == 0
+
+
 def test_check_reports_topic_and_broker(
     kafka_broker: KafkaBroker, kafka_topic: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -258,25 +258,26 @@ class Kafka:
 
     def _outcome(self, results: list[KafkaError | None]) -> Outcome:
         rejected: dict[int, str] = {}
+        failures: list[tuple[int, KafkaError]] = []
         for index, error in enumerate(results):
             if error is None:
                 continue
-            kind = classify(error)
-            if kind == "reject":
+            if classify(error) == "reject":
                 rejected[index] = describe(error)
-                continue
-            failed = sum(1 for r in results[index:] if r is not None)
-            message = f"{failed} of {len(results)} events not delivered: {describe(error)}"
-            if self.last_error and self.last_error not in message:
-                message += f" (last client error: {self.last_error})"
-            if error.fatal() or self.fatal is not None:
-                self._renew()
-            # The loop credits the leading events as delivered, so stop before a rejected one:
-            # it is sent again and rejected for good once the rest goes through.
-            completed = min([index, *rejected])
-            return Outcome(kind, 0, message, completed=completed)
-        self.last_error = ""
-        return Outcome.delivered(rejected=rejected)
+            else:
+                failures.append((index, error))
+        if not failures:
+            self.last_error = ""
+            return Outcome.delivered(rejected=rejected)
+        # Events before the first failure are delivered (or rejected); rejected events
+        # anywhere are settled now, and the loop sends the rest again.
+        index, error = failures[0]
+        message = f"{len(failures)} of {len(results)} events not delivered: {describe(error)}"
+        if self.last_error and self.last_error not in message:
+            message += f" (last client error: {self.last_error})"
+        if error.fatal() or self.fatal is not None:
+            self._renew()
+        return Outcome(classify(error), 0, message, rejected=rejected, completed=index)
 
     def _renew(self) -> None:
         """A fatal error ends an idempotent producer; carry on with a new one."""
