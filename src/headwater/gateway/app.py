@@ -360,6 +360,8 @@ class Gateway:
             node[leaf] = value
         try:
             check_depth(message, batch=False)
+            if b"%00" in query:
+                message = scrub_nul(message)
             source = self._source(headers, None, query)
             await self._accept(scope, headers, source, message, kind, len(query))
         except Rejection as rejection:
