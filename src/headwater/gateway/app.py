@@ -260,12 +260,15 @@ class Gateway:
 
     def _client_ip(self, scope: Scope, headers: dict[bytes, bytes]) -> str | None:
         client = scope.get("client")
-        peer = client[0] if client else None
+        peer: str | None = client[0] if client else None
         forwarded = headers.get(b"x-forwarded-for")
         if peer is None or forwarded is None or peer not in self.proxies:
             return peer
-        hops = [h.strip() for h in forwarded.decode("latin-1").split(",") if h.strip()]
+        hops = [_address(h) for h in forwarded.decode("latin-1").split(",") if h.strip()]
         for hop in reversed(hops):
+            if hop is None:
+                # Not an address ("unknown", a typo): trust nothing beyond it.
+                return peer
             if hop not in self.proxies:
                 return hop
         return hops[0] if hops else peer
@@ -366,6 +369,23 @@ class Gateway:
             await self._accept(scope, headers, source, message, kind, len(query))
         except Rejection as rejection:
             log.info("pixel request refused: %s", rejection)
+
+
+def _address(hop: str) -> str | None:
+    """An X-Forwarded-For entry as a bare IP address; None if it is not one.
+
+    Some proxies append the port: ``192.0.2.1:443`` or ``[2001:db8::1]:443``.
+    """
+    hop = hop.strip()
+    if hop.startswith("["):
+        hop = hop[1:].partition("]")[0]
+    elif hop.count(":") == 1:
+        hop = hop.partition(":")[0]
+    try:
+        ipaddress.ip_address(hop)
+    except ValueError:
+        return None
+    return hop
 
 
 def _basic_key(headers: dict[bytes, bytes]) -> str:
