@@ -36,7 +36,7 @@ from headwater.gateway import body as bodies
 from headwater.gateway.committer import Committer, Overloaded
 from headwater.log.base import Entry, LogFull
 from headwater.spec.message import MAX_DEPTH, Rejection, Stamp, check_depth, normalize, scrub_nul
-from headwater.spec.timestamps import format_ms
+from headwater.spec.timestamps import format_ms, parse_ms
 
 log = logging.getLogger("headwater.gateway")
 
@@ -308,6 +308,11 @@ class Gateway:
                 raise Rejection("missing_field", "batch", "batch must be a list of messages")
             if not messages:
                 raise Rejection("empty_batch", "batch", "batch is empty")
+            sent_at = document.get("sentAt")
+            if sent_at is not None and (not isinstance(sent_at, str) or parse_ms(sent_at) is None):
+                raise Rejection(
+                    "invalid_field", "sentAt", "sentAt must be an ISO-8601 date-time string"
+                )
             if len(messages) > limits.max_batch_messages:
                 raise Rejection(
                     "too_many_messages",
@@ -317,7 +322,7 @@ class Gateway:
             stamp = Stamp(
                 format_ms(received_ms),
                 ip,
-                document.get("sentAt"),
+                sent_at,
                 document.get("context"),
                 document.get("integrations"),
                 limits.max_message_id_chars,
