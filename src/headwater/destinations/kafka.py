@@ -17,9 +17,10 @@ report, at most ``delivery_timeout_seconds`` (the client's
 * anything else (brokers down, leader changes, timeouts, a topic that does not
   exist yet) is retryable, and the delivery loop backs off and sends again.
 
-A batch that fails part-way reports how many leading events went through; the
-events after them are sent again, so a record that had already been written
-may be written twice (delivery is at least once, as for every destination).
+A batch that fails part-way reports how many leading events went through and
+which events were rejected; the rest is sent again, so a record that had
+already been written may be written twice (delivery is at least once, as for
+every destination).
 
 Settings::
 
