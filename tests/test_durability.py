@@ -307,7 +307,7 @@ def test_sigterm_with_requests_in_flight_exits_cleanly_and_keeps_acknowledged(
     # Requests already being handled when the signal came are still answered.
     acked_after_signal = load.last_ack > started
     assert code == 0, server.log_text()[-2000:]
-    assert took < 5, f"SIGTERM took {took:.1f} s"
+    assert took < 10, f"SIGTERM took {took:.1f} s"
     assert not any(alive(pid) for pid in children)
 
     restarted = make_server(workers=2, data_dir=server.data_dir)
