@@ -232,3 +232,33 @@ def test_insights_over_http(running: RunningServer) -> None:
     assert users["total"] == 2  # the bot is not a user
     bad = console.client.get("/api/insights/counts", params={"bucket": "year"})
     assert bad.status_code == 400 and "bucket" in bad.json()["error"]
+
+
+def test_refused_requests_are_counted_and_shown(running: RunningServer) -> None:
+    console = Console(running)
+    bad = running.post("/v1/track", {"event": "No One", "messageId": "r-1"})
+    assert bad.status_code == 400
+    invalid = running.post("/v1/batch", content=b'{"batch": [NaN]}')
+    assert invalid.status_code == 400
+    deadline = time.monotonic() + 5
+    rejected: dict[str, int] = {}
+    while time.monotonic() < deadline:
+        rejected = console.get("/api/destinations")["source"]["rejected_at_ingest"]
+        if sum(rejected.values()) >= 2:
+            break
+        time.sleep(0.1)
+    assert rejected == {"missing_identity": 1, "invalid_json": 1}
+    samples = console.get("/api/destinations")["source"]["rejected_samples"]
+    assert '"r-1"' in samples["missing_identity"][0]["body"]
+    assert samples["missing_identity"][0]["field"] == "userId"
+    metrics = {m["id"]: m for m in console.get("/api/report")["metrics"]}
+    assert metrics["rejection_rate"]["details"]["by_reason"] == rejected
+    assert metrics["rejection_rate"]["value"] == pytest.approx(2 / (2 + 6))
+
+    lines: list[str] = []
+    with console.client.stream("GET", "/api/live", params={"backlog": "5"}) as stream:
+        for line in stream.iter_lines():
+            lines.append(line)
+            if line.startswith("event: rejection") or len(lines) > 200:
+                break
+    assert "event: rejection" in lines

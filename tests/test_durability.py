@@ -20,6 +20,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -524,3 +525,30 @@ def test_health_and_ready(server: RunningServer) -> None:
     assert httpx.head(f"{server.url}/health", timeout=5).status_code == 200
     refused = httpx.post(f"{server.url}/health", timeout=5)
     assert refused.status_code == 404
+
+
+def test_bodies_in_flight_are_bounded(make_server: MakeServer) -> None:
+    """Many slow concurrent uploads: past the budget the answer is 503, not more memory."""
+    server = make_server(env={"HEADWATER_SERVER_MAX_INFLIGHT_BYTES": "300000"})
+    body = json.dumps(
+        {
+            "batch": [
+                {"type": "track", "userId": "u", "event": "E", "properties": {"blob": "x" * 20000}}
+                for _ in range(10)
+            ]
+        }
+    )
+
+    def post(_: int) -> int:
+        return httpx.post(
+            f"{server.url}/v1/batch",
+            content=body.encode(),
+            headers={"Authorization": "Basic V1JJVEVfS0VZOg==", "Content-Type": "application/json"},
+            timeout=30,
+        ).status_code
+
+    with ThreadPoolExecutor(16) as pool:
+        statuses = list(pool.map(post, range(64)))
+    assert set(statuses) <= {200, 503}
+    assert 200 in statuses
+    assert 503 in statuses

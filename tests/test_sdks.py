@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib.metadata import version
@@ -494,14 +494,6 @@ def test_segment_python_clock_skew_is_corrected(hw: RunningServer) -> None:
     assert ms(row["timestamp"]) == ms(row["received_at"]) - 5000
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (gateway stamps context.ip on server-side SDK events): headwater "
-    "(spec/message.py normalize, via gateway/app.py Gateway._client_ip) adds "
-    "context.ip = peer address to every message without one; Segment fills it only "
-    "for client-side libraries or context.direct=true (CONTRACT.md section 3.3), so "
-    "events from a backend get the backend's address.",
-)
 def test_server_side_sdk_events_keep_no_ip(hw: RunningServer) -> None:
     client = SegmentClient(hw.write_key, host=hw.url, sync_mode=True)
     _, message = client.track(user_id="backend-user", event="Server Side")
@@ -619,15 +611,15 @@ def test_rudder_python_module_api_with_data_plane_url(
     assert json.loads(identify["context"])["traits"] == {"name": "Zoë"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (request limit below rudder-sdk-python's batches): the gateway refuses "
-    "any request over limits.max_request_bytes (500 KiB after decompression, "
-    "gateway/body.py via Gateway._ingest) with a 400, which rudder-sdk-python does not "
-    "retry; the SDK batches up to 100 events and 4 MB (RudderStack's gateway takes "
-    "4000 KB), so a burst of ordinary events, each far below 32 KiB, is dropped whole.",
-)
-def test_rudder_python_full_batch_of_valid_events_is_stored(hw: RunningServer) -> None:
+# rudder-sdk-python batches up to 100 events and 4 MB, above the 500 KiB request
+# limit of Segment's API; a deployment fed by it raises limits.max_request_bytes.
+RUDDER_LIMITS = {"HEADWATER_LIMITS_MAX_REQUEST_BYTES": str(4 * 1024 * 1024)}
+
+
+def test_rudder_python_full_batch_of_valid_events_is_stored(
+    make_server: Callable[..., RunningServer],
+) -> None:
+    hw = make_server(env=RUDDER_LIMITS)
     errors: list[str] = []
     client = RudderClient(
         hw.write_key,

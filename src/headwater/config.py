@@ -37,6 +37,8 @@ class ServerSettings(msgspec.Struct, forbid_unknown_fields=True):
     trusted_proxies: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
     # Bytes of requests waiting for the log before the gateway answers 503.
     max_pending_bytes: int = 64 * 1024 * 1024
+    # Bytes of request bodies being received at once per worker before answering 503.
+    max_inflight_bytes: int = 64 * 1024 * 1024
 
 
 class ConsoleSettings(msgspec.Struct, forbid_unknown_fields=True):

@@ -34,7 +34,9 @@ import msgspec
 from headwater import config
 from headwater.gateway import body as bodies
 from headwater.gateway.committer import Committer, Overloaded
+from headwater.gateway.rejections import RejectionRecorder
 from headwater.log.base import Entry, LogFull
+from headwater.log.rejections import Rejected
 from headwater.spec.message import MAX_DEPTH, Rejection, Stamp, check_depth, normalize, scrub_nul
 from headwater.spec.timestamps import format_ms, parse_ms
 
@@ -63,6 +65,9 @@ OK_BODY = b'{"success": true}'
 JSON_HEADERS = [(b"content-type", b"application/json")]
 GIF = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")
 _encode = msgspec.json.Encoder().encode
+# Refusals not kept for the debugger: wrong URLs and methods carry no events.
+UNRECORDED = frozenset({"client_disconnected", "not_found", "method_not_allowed"})
+MAX_BODY_SAMPLE = 32 * 1024
 
 
 def error_body(rejection: Rejection) -> bytes:
@@ -94,6 +99,8 @@ class Gateway:
     def __init__(self, data_dir: Path, settings: config.Settings, committer: Committer) -> None:
         self.data_dir = data_dir
         self.committer = committer
+        self.budget = bodies.Budget(settings.server.max_inflight_bytes)
+        self.recorder = RejectionRecorder(data_dir)
         self._apply(settings)
         self._config_mtime = self._mtime()
         self._reloader: asyncio.Task[None] | None = None
@@ -134,12 +141,14 @@ class Gateway:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 self.committer.start(asyncio.get_running_loop())
+                self.recorder.start()
                 self._reloader = asyncio.create_task(self._watch_config())
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 if self._reloader is not None:
                     self._reloader.cancel()
                 await asyncio.get_running_loop().run_in_executor(None, self.committer.close)
+                await asyncio.get_running_loop().run_in_executor(None, self.recorder.close)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -161,7 +170,8 @@ class Gateway:
                 elif path in BATCH_PATHS:
                     await self._ingest(scope, receive, headers, None)
                 elif path == "/v1/m":
-                    await bodies.read(receive, self.limits.max_request_bytes)
+                    body = await bodies.read(receive, self.limits.max_request_bytes, self.budget)
+                    self.budget.give(len(body))
                 else:
                     raise Rejection("not_found", "path", f"no endpoint at POST {path}", 404)
                 await _respond(send, 200, OK_BODY, JSON_HEADERS + cors)
@@ -172,12 +182,30 @@ class Gateway:
         except Rejection as rejection:
             if rejection.code == "client_disconnected":
                 return
+            self._record(scope, path, rejection)
             await _respond(send, rejection.status, error_body(rejection), JSON_HEADERS + cors)
         except Overloaded as exc:
             await self._unavailable(send, cors, "overloaded", str(exc))
         except LogFull as exc:
             log.error("log append failed: %s", exc)
             await self._unavailable(send, cors, "log_unavailable", "the event log cannot accept")
+
+    def _record(self, scope: Scope, path: str, rejection: Rejection) -> None:
+        """Keep a refused request (bounded, off the request path) for the debugger."""
+        if rejection.code in UNRECORDED:
+            return
+        self.recorder.add(
+            Rejected(
+                time.time_ns() // 1_000_000,
+                scope.get("headwater.source", ""),
+                path,
+                rejection.status,
+                rejection.code,
+                rejection.field,
+                str(rejection),
+                scope.get("headwater.body", b"")[:MAX_BODY_SAMPLE],
+            )
+        )
 
     async def _unavailable(
         self, send: Send, cors: list[tuple[bytes, bytes]], code: str, message: str
@@ -277,9 +305,20 @@ class Gateway:
         self, scope: Scope, receive: Receive, headers: dict[bytes, bytes], path_type: str | None
     ) -> None:
         limits = self.limits
-        raw = await bodies.read(receive, limits.max_request_bytes)
+        raw = await bodies.read(receive, limits.max_request_bytes, self.budget)
+        try:
+            scope["headwater.body"] = raw
+            await self._decode_and_accept(scope, headers, path_type, raw)
+        finally:
+            self.budget.give(len(raw))
+
+    async def _decode_and_accept(
+        self, scope: Scope, headers: dict[bytes, bytes], path_type: str | None, raw: bytes
+    ) -> None:
+        limits = self.limits
         encoding = headers.get(b"content-encoding", b"").decode("latin-1")
         data = bodies.decompress(raw, encoding, limits.max_request_bytes)
+        scope["headwater.body"] = data
         document = bodies.parse_json(data)
         if not isinstance(document, dict):
             raise Rejection("invalid_json", "body", "the body must be a JSON object")
@@ -288,6 +327,7 @@ class Gateway:
         if b"\\u0000" in data:
             document = scrub_nul(document)
         source = self._source(headers, document.get("writeKey"), scope.get("query_string", b""))
+        scope["headwater.source"] = source.name
         await self._accept(scope, headers, source, document, path_type, len(data))
 
     async def _accept(
@@ -373,7 +413,8 @@ class Gateway:
             source = self._source(headers, None, query)
             await self._accept(scope, headers, source, message, kind, len(query))
         except Rejection as rejection:
-            log.info("pixel request refused: %s", rejection)
+            scope["headwater.body"] = query
+            self._record(scope, scope["path"], rejection)
 
 
 def _address(hop: str) -> str | None:

@@ -11,28 +11,60 @@ from typing import Any
 
 import msgspec
 
+from headwater.gateway.committer import Overloaded
 from headwater.spec.message import Rejection
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 _decode = msgspec.json.Decoder().decode
 
 
-async def read(receive: Receive, limit: int) -> bytes:
-    """The whole body, chunked or not; refuse it once it passes ``limit`` bytes."""
+class Budget:
+    """Bytes of request bodies being read at once in this process, bounded.
+
+    Past the bound a request is refused with ``Overloaded`` (503 and
+    ``Retry-After``) instead of growing memory with every concurrent upload.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, size: int) -> None:
+        if self.used + size > self.limit:
+            raise Overloaded("too many request bodies being received at once")
+        self.used += size
+
+    def give(self, size: int) -> None:
+        self.used -= size
+
+
+async def read(receive: Receive, limit: int, budget: Budget | None = None) -> bytes:
+    """The whole body, chunked or not; refuse it once it passes ``limit`` bytes.
+
+    With a budget, the bytes read are taken from it; the caller gives them
+    back (``len`` of the result) once done with the body.
+    """
     chunks: list[bytes] = []
     size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise Rejection("client_disconnected", "", "the client went away", status=400)
-        chunk = message.get("body", b"")
-        if chunk:
-            size += len(chunk)
-            if size > limit:
-                raise too_large(limit)
-            chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
+    try:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise Rejection("client_disconnected", "", "the client went away", status=400)
+            chunk = message.get("body", b"")
+            if chunk:
+                if size + len(chunk) > limit:
+                    raise too_large(limit)
+                if budget is not None:
+                    budget.take(len(chunk))
+                size += len(chunk)
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+    except BaseException:
+        if budget is not None:
+            budget.give(size)
+        raise
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 

@@ -152,13 +152,52 @@ def normalize(msg: Any, path_type: str | None, stamp: Stamp, where: str = "") ->
     context = msg.get("context")
     if stamp.context is not None:
         context = msg["context"] = {**stamp.context, **(context or {})}
-    if stamp.ip is not None:
+    if stamp.ip is not None and _collects_ip(context):
         if context is None:
             msg["context"] = {"ip": stamp.ip}
-        elif not context.get("ip"):
+        else:
             context["ip"] = stamp.ip
     checked: dict[str, Any] = msg
     return checked
+
+
+# Server-side libraries send from a company's backend: the peer address is
+# the backend's, not the user's, so it is not recorded unless the message asks
+# for it with context.direct = true.
+SERVER_LIBRARIES = frozenset(
+    {
+        "analytics-python",
+        "analytics-node",
+        "@segment/analytics-node",
+        "analytics-go",
+        "analytics-java",
+        "analytics-ruby",
+        "analytics-php",
+        "analytics.NET",
+        "analytics-csharp",
+        "analytics-rust",
+        "rudder-sdk-node",
+        "rudder-sdk-go",
+        "rudder-sdk-java",
+        "rudder-sdk-ruby",
+        "rudder-sdk-php",
+    }
+)
+
+
+def _collects_ip(context: dict[str, Any] | None) -> bool:
+    """Whether the request's address is recorded as ``context.ip``.
+
+    Never over an ``ip`` the message carries; for client-side libraries and
+    raw HTTP calls, yes; for server-side libraries only with ``direct: true``.
+    """
+    if not context:
+        return True
+    if context.get("ip"):
+        return False
+    library = context.get("library")
+    name = library.get("name") if isinstance(library, dict) else None
+    return name not in SERVER_LIBRARIES or context.get("direct") is True
 
 
 def check_depth(document: dict[str, Any], batch: bool) -> None:
