@@ -596,6 +596,28 @@ def _type_in(dsn: str, schema: str, table: str, column: str) -> str:
     return str(types[column])
 
 
+def test_tracks_keeps_its_own_column_types(warehouse_dsn: str) -> None:
+    """tracks and an event table may type a context column differently; each keeps its own."""
+    target = Postgres(destination(warehouse_dsn, schema="own"))
+    first = {**_track("o-1", {}), "event": "First", "context": {"x": 1}}
+    second = {**_track("o-2", {}), "event": "Second", "context": {"x": "text"}}
+    nameless = {**_track("o-3", {"p": 1}), "event": None, "context": {"x": 2}}
+    assert target.deliver([first]).kind == "delivered"
+    assert target.deliver([second, nameless]).kind == "delivered"
+    assert _type_in(warehouse_dsn, "own", "tracks", "context_x") == "bigint"
+    assert _type_in(warehouse_dsn, "own", "second", "context_x") == "text"
+    tracks = by_id(warehouse_dsn, "tracks", "own")
+    assert [tracks[i]["context_x"] for i in ("o-1", "o-2", "o-3")] == [1, None, 2]
+    assert by_id(warehouse_dsn, "second", "own")["o-2"]["context_x"] == "text"
+    [lost] = discards(warehouse_dsn, "own")
+    assert (lost["table_name"], lost["column_name"], lost["message_id"]) == (
+        "tracks",
+        "context_x",
+        "o-2",
+    )
+    target.close()
+
+
 def test_a_row_postgres_refuses_is_isolated_not_the_batch(warehouse_dsn: str) -> None:
     target = Postgres(destination(warehouse_dsn, schema="strict"))
     assert target.deliver([_track("s-0", {"price": 1})]).kind == "delivered"

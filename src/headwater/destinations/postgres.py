@@ -107,6 +107,10 @@ class Postgres:
         self._conn: psycopg.Connection[Any] | None = None
         # table -> column -> kind (PostgreSQL's type name), as last read from the catalog
         self._columns: dict[str, dict[str, str]] | None = None
+        # table -> (its staging table, the table's columns when the stage was made)
+        self._stages: dict[str, tuple[sql.Identifier, tuple[tuple[str, str], ...]]] = {}
+        self._new_stages: dict[str, tuple[sql.Identifier, tuple[tuple[str, str], ...]]] = {}
+        self._stage_count = 0
 
     # -- the Destination protocol ---------------------------------------------------
 
@@ -197,12 +201,16 @@ class Postgres:
 
     def _reset(self, keep_connection: bool = False) -> None:
         self._columns = None
+        self._stages.clear()
+        self._new_stages.clear()
         conn, self._conn = self._conn, None
         if conn is None:
             return
         if keep_connection and not conn.closed:
             try:
                 conn.rollback()
+                conn.execute("DISCARD TEMP")
+                conn.commit()
                 self._conn = conn
                 return
             except self._psycopg.Error:
@@ -235,12 +243,13 @@ class Postgres:
         batch = self.layout.build(events)
         conn = self._connect()
         columns = self._prepare(conn, batch)
+        projected = _projections(batch, columns)
         users_discards: list[warehouse.Discard] = []
         for table in batch.tables.values():
             warehouse.cast_rows(table, columns[table.name], batch.discards)
         if batch.users.rows:
             warehouse.cast_rows(batch.users, columns[warehouse.USERS], users_discards)
-        self._load(conn, batch, users_discards)
+        self._load(conn, batch, projected, users_discards)
         log.debug(
             "destination %s: loaded %d events in %.3f s",
             self.config.name,
@@ -352,6 +361,7 @@ class Postgres:
         self,
         conn: psycopg.Connection[Any],
         batch: warehouse.Batch,
+        projected: dict[str, list[str]],
         users_discards: list[warehouse.Discard],
     ) -> None:
         """Step 1 to 4 of one batch's transaction."""
@@ -359,17 +369,24 @@ class Postgres:
         with_discards = {d.table for d in batch.discards}
         with conn.cursor() as cur:
             # Step 1. Every table's rows, through staging, once per messageId.
-            for index, table in enumerate(batch.tables.values()):
+            for table in batch.tables.values():
+                if not table.rows:
+                    continue
                 returning = table.name in with_discards or (
                     table.name == "identifies" and bool(batch.users.rows)
                 )
-                ids = self._insert(cur, index, table, returning)
-                if returning:
-                    inserted[table.name] = ids
+                stage, columns = self._stage_rows(cur, table)
+                ids = self._move(cur, table.name, stage, columns, returning)
+                inserted.setdefault(table.name, set()).update(ids)
+                # tracks takes its columns of the same rows from the event's staging table.
+                if table.name in projected:
+                    returning = "tracks" in with_discards
+                    ids = self._move(cur, "tracks", stage, projected[table.name], returning)
+                    inserted.setdefault("tracks", set()).update(ids)
             # Step 2. users: the latest traits of the identifies just inserted.
             fresh = inserted.get("identifies", set())
             if batch.users.rows:
-                self._upsert_users(cur, len(batch.tables), batch.users, fresh)
+                self._upsert_users(cur, batch.users, fresh)
             # Step 3. discards of the rows just inserted.
             discards = [d for d in batch.discards if d.message_id in inserted.get(d.table, ())]
             discards += [d for d in users_discards if d.message_id in fresh]
@@ -385,30 +402,57 @@ class Postgres:
                 )
         # Step 4. All of it, or none of it.
         conn.commit()
+        self._stages.update(self._new_stages)
+        self._new_stages.clear()
 
-    def _stage(self, cur: psycopg.Cursor[Any], index: int, table: str) -> sql.Identifier:
+    def _stage(self, cur: psycopg.Cursor[Any], table: str) -> sql.Identifier:
+        """A temporary table shaped like ``table``, emptied at every commit.
+
+        Staging tables live as long as the connection and are made again when
+        their table gains columns; after any failure they are all made again.
+        """
         from psycopg import sql
 
-        stage = sql.Identifier(f"hw_stage_{index}")
+        columns = tuple((self._columns or {}).get(table, {}).items())
+        known = self._stages.get(table)
+        if known is not None and known[1] == columns:
+            return known[0]
+        if known is not None:
+            cur.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(known[0]))
+        self._stage_count += 1
+        stage = sql.Identifier(f"hw_stage_{self._stage_count}")
         cur.execute(
-            sql.SQL("CREATE TEMPORARY TABLE {} (LIKE {}) ON COMMIT DROP").format(
+            sql.SQL("CREATE TEMPORARY TABLE {} (LIKE {}) ON COMMIT DELETE ROWS").format(
                 stage, self._name(table)
             )
         )
+        self._new_stages[table] = (stage, columns)
         return stage
 
-    def _insert(
-        self, cur: psycopg.Cursor[Any], index: int, table: warehouse.Table, returning: bool
+    def _stage_rows(
+        self, cur: psycopg.Cursor[Any], table: warehouse.Table
+    ) -> tuple[sql.Identifier, list[str]]:
+        """Copy a table's rows into its staging table; the staging table and the columns."""
+        columns = _columns_of(table.rows)
+        stage = self._stage(cur, table.name)
+        self._copy_rows(cur, stage, columns, table.rows)
+        return stage, columns
+
+    def _move(
+        self,
+        cur: psycopg.Cursor[Any],
+        table: str,
+        stage: sql.Identifier,
+        columns: list[str],
+        returning: bool,
     ) -> set[str]:
+        """Insert staged rows whose id is new; their ids when ``returning``."""
         from psycopg import sql
 
-        columns = _columns_of(table.rows)
-        stage = self._stage(cur, index, table.name)
-        self._copy(cur, stage, columns, (list(map(row.get, columns)) for row in table.rows))
         names = sql.SQL(", ").join(map(sql.Identifier, columns))
         statement = sql.SQL(
             "INSERT INTO {} ({}) SELECT {} FROM {} ON CONFLICT (id) DO NOTHING"
-        ).format(self._name(table.name), names, names, stage)
+        ).format(self._name(table), names, names, stage)
         if not returning:
             cur.execute(statement)
             return set()
@@ -416,7 +460,7 @@ class Postgres:
         return {row[0] for row in cur.fetchall()}
 
     def _upsert_users(
-        self, cur: psycopg.Cursor[Any], index: int, users: warehouse.Table, fresh: set[str]
+        self, cur: psycopg.Cursor[Any], users: warehouse.Table, fresh: set[str]
     ) -> None:
         from psycopg import sql
 
@@ -424,8 +468,8 @@ class Postgres:
         if not merged:
             return
         columns = _columns_of(merged)
-        stage = self._stage(cur, index, warehouse.USERS)
-        self._copy(cur, stage, columns, (list(map(row.get, columns)) for row in merged))
+        stage = self._stage(cur, warehouse.USERS)
+        self._copy_rows(cur, stage, columns, merged)
         target = sql.Identifier("t")
         updates = [
             sql.SQL("received_at = GREATEST({t}.received_at, EXCLUDED.received_at)").format(
@@ -474,12 +518,53 @@ class Postgres:
             for row in rows:
                 copy.write_row(row)
 
+    @staticmethod
+    def _copy_rows(
+        cur: psycopg.Cursor[Any],
+        table: sql.Composable,
+        columns: list[str],
+        rows: list[dict[str, Any]],
+    ) -> None:
+        from psycopg import sql
+
+        statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
+            table, sql.SQL(", ").join(map(sql.Identifier, columns))
+        )
+        with cur.copy(statement) as copy:
+            write = copy.write_row
+            for row in rows:
+                write(list(map(row.get, columns)))
+
+
+def _projections(batch: warehouse.Batch, kinds: dict[str, dict[str, str]]) -> dict[str, list[str]]:
+    """Event tables whose staged rows can also fill ``tracks``; their tracks columns.
+
+    A named event's tracks row is its event row without the properties, so
+    when every one of those columns has the same kind in both tables the
+    tracks rows need no copy of their own: they are taken out of the batch.
+    """
+    tracks = batch.tables.get("tracks")
+    if tracks is None:
+        return {}
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in tracks.rows:
+        groups.setdefault(row.get("event") or "", []).append(row)
+    projected: dict[str, list[str]] = {}
+    target = kinds.get("tracks", {})
+    for event_table, rows in groups.items():
+        if event_table not in batch.tables or event_table == "tracks":
+            continue
+        source = kinds.get(event_table, {})
+        columns = _columns_of(rows)
+        if all(c in source and source[c] == target.get(c) for c in columns):
+            projected[event_table] = columns
+    if projected:
+        tracks.rows = [row for row in tracks.rows if row.get("event") not in projected]
+    return projected
+
 
 def _columns_of(rows: list[dict[str, Any]]) -> list[str]:
-    seen: dict[str, None] = {}
-    for row in rows:
-        seen.update(dict.fromkeys(row))
-    return list(seen)
+    return sorted(set().union(*rows))
 
 
 def _merge_users(users: warehouse.Table, fresh: set[str]) -> list[dict[str, Any]]:
