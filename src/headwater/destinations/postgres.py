@@ -3,9 +3,12 @@
 Settings (``[destinations.settings]``):
 
 - ``dsn``: a libpq connection string or URI (required).
-- ``source``: the source whose events this destination loads (default
-  ``default``); the schema is named after it, normalised like a table name
-  (``default`` is a reserved word, so the schema is ``_default``).
+- ``source``: the source this destination loads (default ``default``); the
+  schema is named after it, normalised like a table name (``default`` is a
+  reserved word, so the schema is ``_default``).  XXX: the delivery loop does
+  not tell a destination which source an event came from, so events of every
+  source routed here land in this one schema; use one destination per source
+  with a filter on a field that tells them apart.
 - ``schema``: the schema to load into, used as given (overrides ``source``).
 - ``max_depth``: levels of nested keys flattened into columns (default 4).
 - ``max_columns``: columns a table may grow to (default 1000; PostgreSQL's
@@ -17,16 +20,22 @@ The layout, names and type rules are in ``headwater.destinations.warehouse``.
 One batch is loaded in one transaction: each table's rows are copied into a
 temporary staging table, then ``INSERT ... SELECT ... ON CONFLICT (id) DO
 NOTHING`` moves them across, so a replayed batch (after a crash, a retry or a
-duplicate) adds nothing.  ``users`` and ``discards`` only change for rows that
-were really inserted.  New tables and columns are created beforehand, in their
-own short transaction.  Times are written with an explicit UTC offset, so the
-session's time zone never shifts them.
+duplicate) adds nothing.  A named event's ``tracks`` row is inserted from its
+event table's staging rows when the shared columns have the same types.
+``users`` and ``discards`` only change for rows that were really inserted.
+New tables and columns are created beforehand, in their own short transaction.
+Times are written with an explicit offset (UTC when the sender gave none), so
+the session's time zone never shifts them.
 
 Errors: lost or refused connections, timeouts, lock and serialisation
 failures, and schema drift are retried by the delivery loop.  A data error
 should not happen (the loader casts or discards every value), but if one does,
 the batch is split until the events that fail are isolated: those are
 rejected, the rest are loaded.
+
+Throughput depends mostly on batch size: each batch costs a transaction and a
+few statements per table, so give this destination ``[destinations.batch]``
+``max_events`` in the thousands (``bench/bench_warehouse.py`` uses 5000).
 """
 
 from __future__ import annotations

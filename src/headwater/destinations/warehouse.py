@@ -4,13 +4,18 @@ This module knows nothing about a database; ``headwater.destinations.postgres``
 creates what it describes and loads it.
 
 Tables
-    ``tracks`` (every track call, common columns only), one table per track
-    event named after the event (``Order Completed`` -> ``order_completed``)
-    with the common columns plus the properties, ``identifies`` (common columns
-    plus the traits), ``users`` (one row per ``userId`` with its latest traits),
-    ``pages`` and ``screens`` (plus ``name``, ``category`` and the properties),
-    ``groups`` (plus ``group_id`` and the traits), ``aliases`` (plus
-    ``previous_id``) and ``discards`` (values that could not be stored).
+    ``tracks`` (every track call: the common columns, ``event`` (the name of
+    the event's table) and ``event_text`` (the name as sent)); one table per
+    track event, named after the event (``Order Completed`` ->
+    ``order_completed``), with the tracks columns plus the properties;
+    ``identifies`` (common columns plus the traits); ``users`` (one row per
+    ``userId``: a trait from a newer identify, by ``received_at``, replaces the
+    stored one, an older identify only fills traits still missing);
+    ``pages`` and ``screens`` (plus ``name``, ``category`` and the
+    properties); ``groups`` (plus ``group_id`` and the traits); ``aliases``
+    (plus ``previous_id``); and ``discards`` (``table_name``,
+    ``column_name``, ``column_value``, ``reason``, ``message_id``,
+    ``received_at``, ``uuid_ts``: values that were not stored, and why).
 
 Common columns
     ``id`` (the messageId; the primary key), ``received_at``, ``sent_at``,
