@@ -22,15 +22,12 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
-from headwater import config, destinations
+from headwater import backends, config, destinations
 from headwater.console.alerts import AlertLoop
 from headwater.console.server import Console, ConsoleServer
 from headwater.destinations.delivery import DeliveryWorker
-from headwater.log.processed import ProcessedLog
-from headwater.log.sqlite import SQLiteLogReader, SQLiteLogWriter, log_path
 from headwater.metrics import report
 from headwater.pipeline.runner import Pipeline
-from headwater.store.duckdb import DuckDBStore, store_path
 
 log = logging.getLogger("headwater.serve")
 
@@ -56,8 +53,9 @@ def run_worker(data_dir: str, sock: socket.socket) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     directory = Path(data_dir)
     settings = config.load(directory)
-    path = log_path(directory)
-    committer = Committer(lambda: SQLiteLogWriter(path), settings.server.max_pending_bytes)
+    committer = Committer(
+        backends.log_writer_factory(settings, directory), settings.server.max_pending_bytes
+    )
     app = Gateway(directory, settings, committer)
     server = uvicorn.Server(
         uvicorn.Config(
@@ -114,9 +112,10 @@ class Server:
     def run(self) -> int:
         sock = bind(self.host, self.port)
         self.port = sock.getsockname()[1]
-        store = DuckDBStore(store_path(self.data_dir))
-        reader = SQLiteLogReader(log_path(self.data_dir))
-        pipeline = Pipeline(self.settings, reader, store, ProcessedLog(self.data_dir))
+        store = backends.open_store(self.settings, self.data_dir)
+        consumer = backends.open_raw_consumer(self.settings, self.data_dir, store)
+        processed = backends.open_processed_writer(self.settings, self.data_dir)
+        pipeline = Pipeline(self.settings, consumer, store, processed)
         delivery_stop = threading.Event()
         workers = start_deliveries(self.data_dir, self.settings, delivery_stop)
         console = Console(self.data_dir, self.settings, store, pipeline, workers)
@@ -176,7 +175,8 @@ class Server:
                 worker.join(30)
             admin.stop()
             (self.data_dir / "run" / "serve.json").unlink(missing_ok=True)
-            reader.close()
+            consumer.close()
+            processed.close()
             store.close()
         print("headwater stopped", file=sys.stderr, flush=True)
         return 0
@@ -202,7 +202,7 @@ def start_deliveries(
             destination = destinations.build(destination_config, data_dir)
         except destinations.ConfigurationError as exc:
             raise config.ConfigError(str(exc)) from None
-        workers.append(DeliveryWorker(data_dir, destination, stop))
+        workers.append(backends.delivery_worker(settings, data_dir, destination, stop))
     for worker in workers:
         worker.start()
     return workers

@@ -25,7 +25,8 @@ import msgspec
 from headwater.destinations.base import Destination, Outcome
 from headwater.destinations.routing import Router
 from headwater.destinations.state import DeadLetter, DeliveryState
-from headwater.log.processed import ProcessedLog
+from headwater.log.base import ProcessedConsumer
+from headwater.log.processed import ProcessedLog, SQLiteProcessedConsumer
 from headwater.spec.timestamps import parse_ms
 
 log = logging.getLogger("headwater.delivery")
@@ -66,20 +67,40 @@ class Throttle:
 
 
 class DeliveryWorker:
-    def __init__(self, data_dir: Path, destination: Destination, stop: threading.Event) -> None:
+    """Delivers one destination's events from its own cursor on the processed log."""
+
+    def __init__(
+        self,
+        destination: Destination,
+        stop: threading.Event,
+        consumer: ProcessedConsumer,
+        state: DeliveryState,
+    ) -> None:
         self.destination = destination
         self.config = destination.config
         self.name = destination.config.name
         self.router = Router(self.config, destination.is_warehouse)
         self.stop = stop
-        self.log = ProcessedLog(data_dir)
-        self.state = DeliveryState(data_dir)
-        self.state.start_at(self.name, self.log.end_offset())
-        self.cursor = self.state.committed(self.name)
+        self.consumer = consumer
+        self.state = state
         self.throttle = Throttle(self.config.max_events_per_second)
         self.last_error = ""
         self._filtered: dict[str, deque[dict[str, Any]]] = {}
         self._thread = threading.Thread(target=self.run, name=f"deliver-{self.name}", daemon=True)
+
+    @classmethod
+    def embedded(
+        cls, data_dir: Path, destination: Destination, stop: threading.Event
+    ) -> DeliveryWorker:
+        """A worker on the SQLite processed log; a new destination starts at its end."""
+        state = DeliveryState(data_dir)
+        processed = ProcessedLog(data_dir)
+        try:
+            state.start_at(destination.config.name, processed.end_offset())
+        finally:
+            processed.close()
+        consumer = SQLiteProcessedConsumer(data_dir, state.committed(destination.config.name))
+        return cls(destination, stop, consumer, state)
 
     def start(self) -> None:
         self._thread.start()
@@ -92,13 +113,13 @@ class DeliveryWorker:
         return {reason: list(events) for reason, events in self._filtered.items()}
 
     def pending(self) -> int:
-        return self.log.pending_events(self.cursor)
+        return self.consumer.pending()
 
     def run(self) -> None:
         batch = self.config.batch
         try:
             while not self.stop.is_set():
-                records = self.log.read(self.cursor, max_events=batch.max_events)
+                records = self.consumer.read(batch.max_events)
                 if not records:
                     self.stop.wait(0.02)
                     continue
@@ -115,10 +136,10 @@ class DeliveryWorker:
                     self.stop.wait(1.0)
                     continue
                 if done:
-                    self.cursor = records[-1].offset
+                    self.consumer.advance(records)
         finally:
             self.destination.close()
-            self.log.close()
+            self.consumer.close()
             self.state.close()
 
     def process(self, items: list[dict[str, Any]], offset: int | None) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +32,7 @@ class Record:
     count: int
     payload: bytes
     user_agent: str
+    partition: int = 0
 
 
 class LogFull(Exception):
@@ -53,20 +54,54 @@ class EventLogWriter(Protocol):
     def close(self) -> None: ...
 
 
-class EventLogReader(Protocol):
-    def read(self, after: int, max_records: int, max_events: int) -> list[Record]:
-        """Records with offset greater than ``after``, oldest first."""
+class RawConsumer(Protocol):
+    """The pipeline's view of the log: poll, and commit once the batch is stored.
 
-    def end_offset(self) -> int:
-        """The offset of the newest record, or 0 when the log is empty."""
+    ``poll`` returns records after the last commit; polling again without a
+    commit returns the same records (after a failed store write, say).
+    """
 
-    def committed(self, consumer: str) -> int: ...
+    def poll(self, max_events: int) -> list[Record]: ...
 
-    def commit(self, consumer: str, offset: int) -> None: ...
+    def commit(self, records: list[Record]) -> None: ...
 
-    def consumers(self) -> dict[str, int]: ...
+    def lag(self) -> dict[str, int]:
+        """``log_end_offset``, ``store_offset``, ``lag_records``, ``lag_events``."""
 
-    def prune(self, older_than_ms: int) -> int:
-        """Drop records every consumer has passed and older than the given time."""
+    def prune(self, older_than_ms: int) -> int: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessedRecord:
+    """Events after the pipeline, as destinations read them."""
+
+    offset: int
+    received_ms: int
+    count: int
+    payload: bytes
+    partition: int = 0
+
+
+class ProcessedWriter(Protocol):
+    def append(self, batches: Sequence[tuple[Record, list[dict[str, Any]]]]) -> None:
+        """Publish each raw record's processed events, at least once, in order per user."""
+
+    def prune(self, older_than_ms: int) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class ProcessedConsumer(Protocol):
+    """One destination's cursor on the processed events."""
+
+    def read(self, max_events: int) -> list[ProcessedRecord]:
+        """Records after the last commit; the same again until committed."""
+
+    def pending(self) -> int: ...
+
+    def advance(self, records: list[ProcessedRecord]) -> None:
+        """Move past records whose outcome the delivery state has committed."""
 
     def close(self) -> None: ...

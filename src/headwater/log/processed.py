@@ -8,10 +8,16 @@ twice.  Destinations read this topic, each with its own committed offset.
 from __future__ import annotations
 
 import sqlite3
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import msgspec
+
+from headwater.log.base import ProcessedRecord, Record
 from headwater.log.sqlite import log_path
+
+_encode = msgspec.json.Encoder().encode
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS consumer_offsets (
@@ -26,14 +32,6 @@ CREATE TABLE IF NOT EXISTS processed (
     payload BLOB NOT NULL
 );
 """
-
-
-@dataclass(frozen=True, slots=True)
-class ProcessedRecord:
-    offset: int
-    received_ms: int
-    count: int
-    payload: bytes
 
 
 def connect(data_dir: Path) -> sqlite3.Connection:
@@ -51,12 +49,17 @@ class ProcessedLog:
     def __init__(self, data_dir: Path) -> None:
         self._con = connect(data_dir)
 
-    def append(self, rows: list[tuple[int, int, int, bytes]]) -> None:
-        """Append (raw_offset, received_ms, count, payload) rows in one transaction.
+    def append(self, batches: Sequence[tuple[Record, list[dict[str, Any]]]]) -> None:
+        """Append each raw record's events as one record, in one transaction.
 
-        A raw offset appended before is ignored, so replaying after a crash
-        appends nothing twice.
+        Keyed by the raw offset: replaying a batch after a crash appends
+        nothing twice.
         """
+        rows = [
+            (record.offset, record.received_ms, len(items), _encode(items))
+            for record, items in batches
+            if items
+        ]
         if not rows:
             return
         con = self._con
@@ -113,3 +116,28 @@ class ProcessedLog:
 
     def close(self) -> None:
         self._con.close()
+
+
+class SQLiteProcessedConsumer:
+    """A destination's cursor on the processed table.
+
+    The durable cursor lives in the delivery state, committed in the same
+    SQLite transaction as the batch's counters and dead letters.
+    """
+
+    def __init__(self, data_dir: Path, start_after: int) -> None:
+        self.log = ProcessedLog(data_dir)
+        self.cursor = start_after
+
+    def read(self, max_events: int) -> list[ProcessedRecord]:
+        return self.log.read(self.cursor, max_events)
+
+    def pending(self) -> int:
+        return self.log.pending_events(self.cursor)
+
+    def advance(self, records: list[ProcessedRecord]) -> None:
+        if records:
+            self.cursor = records[-1].offset
+
+    def close(self) -> None:
+        self.log.close()

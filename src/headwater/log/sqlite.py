@@ -144,5 +144,41 @@ class SQLiteLogReader:
         self._con.close()
 
 
+class SQLiteRawConsumer:
+    """The pipeline's cursor on the SQLite log.
+
+    The durable position is the store's (it commits its offset with the events
+    it writes); this mirrors it into ``consumer_offsets`` for pruning and lag.
+    """
+
+    def __init__(self, path: Path, start_after: int, consumer: str = "store") -> None:
+        self.reader = SQLiteLogReader(path)
+        self.position = start_after
+        self.consumer = consumer
+
+    def poll(self, max_events: int) -> list[Record]:
+        return self.reader.read(self.position, max_records=max_events, max_events=max_events)
+
+    def commit(self, records: list[Record]) -> None:
+        if records:
+            self.position = records[-1].offset
+            self.reader.commit(self.consumer, self.position)
+
+    def lag(self) -> dict[str, int]:
+        end = self.reader.end_offset()
+        return {
+            "log_end_offset": end,
+            "store_offset": self.position,
+            "lag_records": max(0, end - self.position),
+            "lag_events": self.reader.pending_events(self.position),
+        }
+
+    def prune(self, older_than_ms: int) -> int:
+        return self.reader.prune(older_than_ms)
+
+    def close(self) -> None:
+        self.reader.close()
+
+
 def now_ms() -> int:
     return time.time_ns() // 1_000_000

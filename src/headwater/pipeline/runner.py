@@ -15,9 +15,7 @@ from typing import Any
 import msgspec
 
 from headwater.config import Settings
-from headwater.log.base import Record
-from headwater.log.processed import ProcessedLog
-from headwater.log.sqlite import SQLiteLogReader
+from headwater.log.base import ProcessedWriter, RawConsumer, Record
 from headwater.pipeline import enrich
 from headwater.pipeline.dedup import DedupWindow
 from headwater.spec.timestamps import format_ms, parse_ms, resolve
@@ -83,38 +81,41 @@ class Pipeline:
     def __init__(
         self,
         settings: Settings,
-        reader: SQLiteLogReader,
+        consumer: RawConsumer,
         store: EventStore,
-        processed: ProcessedLog,
+        processed: ProcessedWriter,
         tail: Tail | None = None,
     ) -> None:
         self.settings = settings
-        self.reader = reader
+        self.consumer = consumer
         self.store = store
         self.processed = processed
         self.tail = tail or Tail()
         self.dedup = DedupWindow(settings.pipeline.dedup_window_hours * HOUR_MS)
-        self.offset = store.committed(CONSUMER)
         self.dedup.load(store.recent_keys(_now_ms() - self.dedup.window_ms))
         self.future_ms = settings.limits.future_tolerance_seconds * 1000
 
     def step(self) -> int:
         """Process one batch of log records; return how many messages were read."""
-        batch_max = self.settings.pipeline.batch_max_events
-        records = self.reader.read(self.offset, max_records=batch_max, max_events=batch_max)
+        records = self.consumer.poll(self.settings.pipeline.batch_max_events)
         if not records:
             return 0
+        decoded = [(record, _decode(record.payload)) for record in records]
+        # Another pipeline (scale-out) may have stored some of these already.
+        stored = self.store.known(
+            [(r.source, m["messageId"]) for r, messages in decoded for m in messages]
+        )
         columns: dict[str, list[Any]] = {name: [] for name, _ in EVENT_COLUMNS}
         fresh: dict[str, int] = {}
         read = duplicates = 0
         tail: list[dict[str, Any]] = []
-        outgoing: list[tuple[int, int, int, bytes]] = []
-        for record in records:
+        outgoing: list[tuple[Record, list[dict[str, Any]]]] = []
+        for record, messages in decoded:
             items: list[dict[str, Any]] = []
-            for message in _decode(record.payload):
+            for message in messages:
                 read += 1
                 key = DedupWindow.key(record.source, message["messageId"])
-                if key in self.dedup or key in fresh:
+                if key in self.dedup or key in fresh or key in stored:
                     duplicates += 1
                     continue
                 fresh[key] = record.received_ms
@@ -122,9 +123,7 @@ class Pipeline:
                 items.append(item)
                 if len(tail) < 200:
                     tail.append(item)
-            if items:
-                outgoing.append((record.offset, record.received_ms, len(items), _encode(items)))
-        offset = records[-1].offset
+            outgoing.append((record, items))
         stored_at = _now_ms()
         columns["stored_at"] = [stored_at] * len(columns["message_id"])
         counters = {"received": read, "stored": len(fresh), "duplicates": duplicates}
@@ -132,13 +131,12 @@ class Pipeline:
             bucket = freshness_bucket((stored_at - record.received_ms) / 1000)
             counters[bucket] = counters.get(bucket, 0) + record.count
         # Destinations first: if the store write is lost to a crash, the batch is
-        # replayed and its processed records, keyed by raw offset, are ignored.
+        # replayed; the embedded processed log ignores records it already has.
         self.processed.append(outgoing)
-        self.store.write(columns, CONSUMER, offset, counters)
-        self.offset = offset
+        self.store.write(columns, CONSUMER, records[-1].offset, counters)
         for key, received_ms in fresh.items():
             self.dedup.add(key, received_ms)
-        self.reader.commit(CONSUMER, offset)
+        self.consumer.commit(records)
         self.tail.extend(tail)
         return read
 
@@ -219,7 +217,7 @@ class Pipeline:
                 if now - last_prune > 60:
                     last_prune = now
                     self.dedup.expire(_now_ms())
-                    pruned = self.reader.prune(_now_ms() - retention_ms)
+                    pruned = self.consumer.prune(_now_ms() - retention_ms)
                     pruned += self.processed.prune(_now_ms() - retention_ms)
                     if pruned:
                         log.info("pruned %d log records", pruned)
@@ -231,13 +229,7 @@ class Pipeline:
                 stop.wait(idle)
 
     def lag(self) -> dict[str, int]:
-        end = self.reader.end_offset()
-        return {
-            "log_end_offset": end,
-            "store_offset": self.offset,
-            "lag_records": max(0, end - self.offset),
-            "lag_events": self.reader.pending_events(self.offset),
-        }
+        return self.consumer.lag()
 
 
 FRESHNESS_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)

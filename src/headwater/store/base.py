@@ -60,6 +60,13 @@ class EventStore(Protocol):
         Counters are kept in total and per minute (for trends and anomalies).
         """
 
+    def known(self, keys: list[tuple[str, str]]) -> set[str]:
+        """Of (source, messageId) pairs, those already stored, as dedup keys.
+
+        A store written by one pipeline alone may answer from nothing: the
+        pipeline's own window is exact there.
+        """
+
     def recent_keys(self, since_ms: int) -> Iterator[tuple[str, str, int]]:
         """(source, message_id, received_ms) of events received since the given time."""
 
