@@ -61,8 +61,10 @@ def node() -> str:
     return node_bin
 
 
-def drive(node_bin: str, script: str, *args: str, timeout: float = 60) -> dict[str, Any]:
-    """Run one driver script; return the JSON it printed, failing with its output."""
+def drive(node_bin: str, script: str, *args: str, name: str, timeout: float = 60) -> dict[str, Any]:
+    """Run one driver script; return the JSON it printed (kept as ``name``.json)."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / f"{name}-failure.png").unlink(missing_ok=True)
     result = subprocess.run(
         [node_bin, str(BROWSER_DIR / script), *args],
         cwd=BROWSER_DIR,
@@ -73,8 +75,7 @@ def drive(node_bin: str, script: str, *args: str, timeout: float = 60) -> dict[s
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     assert lines, f"{script} printed no result (exit {result.returncode}):\n{result.stderr}"
     report: dict[str, Any] = json.loads(lines[-1])
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    (ARTIFACTS / f"{Path(script).stem}.json").write_text(json.dumps(report, indent=2))
+    (ARTIFACTS / f"{name}.json").write_text(json.dumps(report, indent=2))
     assert result.returncode == 0 and "error" not in report, (
         f"{script} failed: {report.get('error')}\nbrowser console: {report.get('console')}\n"
         f"stderr: {result.stderr[-3000:]}"
@@ -138,6 +139,7 @@ def test_console_in_chromium(node: str, make_server: Callable[..., RunningServer
             str(ARTIFACTS),
             "--destination",
             "hook",
+            name="console",
         )
         replayed = [e["event"] for e in hook.events() if e.get("event") == "Reject Me"]
     finally:
@@ -187,6 +189,11 @@ def test_console_in_chromium(node: str, make_server: Callable[..., RunningServer
     assert report["replayMessage"] == "Replayed: 1 delivered, 0 failed again."
     assert "No dead letters." in report["deadLettersAfter"]
     assert replayed == ["Reject Me"]
+    # A filter shows only matching events (refused requests match no event filter).
+    assert report["filtered"] == ["event:While Paused"]
+    # 600 more events: the page keeps the newest 500.
+    assert report["liveEntriesAfterFlood"] == 500
+    assert report["liveCountShown"] == "500"
     for path in report["screenshots"]:
         assert Path(path).stat().st_size > 5000, path
 
@@ -229,6 +236,7 @@ def sdk_rows(
         run,
         "--artifacts",
         str(ARTIFACTS),
+        name=f"sdk-{sdk}",
     )
     assert report["blocked"] == [], f"{sdk} reached beyond loopback: {report['blocked']}"
     rows = rows_until(

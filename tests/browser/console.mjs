@@ -206,6 +206,26 @@ try {
   await page.waitForSelector("#dead-table tbody td.muted");
   result.deadLettersAfter = await page.textContent("#dead-table tbody");
   mark("delivery");
+  // 8. Live filters, then the cap on entries kept in the page.
+  await page.click('#tabs a[data-tab="live"]');
+  await page.fill("#live-event", "While Paused");
+  await page.click("#live-filters button[type=submit]");
+  await page.waitForSelector('#live-list li:has-text("While Paused")');
+  await page.waitForTimeout(400);
+  result.filtered = await page.$$eval("#live-list li", (l) => l.map((x) => x.dataset.kind + ":" + x.querySelector(".what").textContent));
+  await page.fill("#live-event", "");
+  await page.click("#live-filters button[type=submit]");
+  await page.waitForFunction(() => document.querySelector("#live-state").textContent === "live");
+  // The server streams at most 200 events of each pipeline step: one batch at a time.
+  for (let i = 0; i < 3; i++) {
+    const flood = Array.from({ length: 200 }, (_, k) => ({ type: "track", userId: "flood", event: `Flood ${i * 200 + k}` }));
+    const r = await post(writeKey, "/v1/batch", { batch: flood });
+    if (r.status !== 200) throw new Error(`flood batch returned ${r.status}`);
+    await page.waitForSelector(`#live-list li:has-text("Flood ${i * 200 + 199}")`, { timeout: 5000 });
+  }
+  result.liveEntriesAfterFlood = await page.$$eval("#live-list li", (l) => l.length);
+  result.liveCountShown = await page.textContent("#live-count");
+  mark("live cap");
   result.blocked = blocked;
   result.console = consoleLines;
   await close();
