@@ -8,7 +8,8 @@ The main process owns the DuckDB store, so the CLI's ``query``, ``tail``,
 
 Endpoints (JSON unless noted):
 - ``GET /`` the console page; ``GET /static/...`` its assets
-- ``POST /api/login`` ``{"token": ...}`` sets the session cookie
+- ``POST /api/login`` ``{"token": ...}`` sets the session cookie; ``POST /api/logout``
+  clears it
 - ``GET /api/status``; ``POST /api/query`` (body: SQL); ``GET /api/tail?after=``
 - ``GET /api/live?source=&type=&event=&user=`` server-sent events: stored events
   with their enrichment, and refused requests with the reason
@@ -448,6 +449,10 @@ def _handler(console: Console) -> type[BaseHTTPRequestHandler]:
                     if not hmac.compare_digest(token, console.token):
                         raise ApiError(401, "token: not the admin token")
                     cookie = f"{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/"
+                    self._json(200, {"ok": True}, {"Set-Cookie": cookie})
+                    return
+                if method == "POST" and path == "/api/logout":
+                    cookie = f"{COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0"
                     self._json(200, {"ok": True}, {"Set-Cookie": cookie})
                     return
                 if not self._authorised():
