@@ -178,6 +178,7 @@ def test_console_in_chromium(node: str, make_server: Callable[..., RunningServer
         report["report"]["metrics"]
     )
     assert "Anomalies" in report["report"]["anomalies"]
+    assert " ok" in report["report"]["summary"]
     # Delivery: the webhook's counters, and the refused payload as a discard sample.
     row = dict(zip(report["deliveryHeaders"], report["deliveryRow"], strict=True))
     assert row["Destination"] == "hook" and row["Kind"] == "webhook"
@@ -194,6 +195,7 @@ def test_console_in_chromium(node: str, make_server: Callable[..., RunningServer
     # 600 more events: the page keeps the newest 500.
     assert report["liveEntriesAfterFlood"] == 500
     assert report["liveCountShown"] == "500"
+    assert report["statusAfterSignOut"] == 401
     for path in report["screenshots"]:
         assert Path(path).stat().st_size > 5000, path
 

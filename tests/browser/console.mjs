@@ -177,6 +177,7 @@ try {
   result.report = {
     levels: await page.$$eval("#report section[data-level]", (s) => s.map((x) => x.dataset.level)),
     metrics: await page.$$eval("#report [data-metric]", (m) => m.map((x) => x.dataset.metric)),
+    summary: await page.textContent("#report-summary"),
     northStar: await page.textContent('#report [data-metric="north_star"]'),
     volume: await page.textContent('#report [data-metric="volume"] .value'),
     anomalies: await page.textContent("#anomalies"),
@@ -226,6 +227,11 @@ try {
   result.liveEntriesAfterFlood = await page.$$eval("#live-list li", (l) => l.length);
   result.liveCountShown = await page.textContent("#live-count");
   mark("live cap");
+
+  // 9. Sign out: the session cookie is gone.
+  await page.click("#sign-out");
+  await page.waitForSelector("#login:not([hidden])");
+  result.statusAfterSignOut = await page.evaluate(() => fetch("/api/status").then((r) => r.status));
   result.blocked = blocked;
   result.console = consoleLines;
   await close();

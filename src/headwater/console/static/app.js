@@ -965,6 +965,11 @@
       }
       $("#report-period").textContent = `last ${data.period_hours} h, compared with the ${data.period_hours} h before · as of ${fmtDateTime(data.until_ms)}`;
       clear(box);
+      const tally = {};
+      for (const m of data.metrics) tally[m.status] = (tally[m.status] || 0) + 1;
+      box.appendChild(h("p", { class: "summary", id: "report-summary" },
+        ["ok", "warn", "fail", "info", "no data"].filter((k) => tally[k]).map((k) =>
+          h("span", { class: `badge ${k === "no data" ? "nodata" : k}` }, `${tally[k]} ${k}`))));
       for (const [level, title] of LEVELS) {
         const metrics = data.metrics.filter((m) => m.level === level);
         if (!metrics.length) continue;
@@ -1072,6 +1077,10 @@
       }
       $("#login-token").value = "";
       await start();
+    });
+    $("#sign-out").addEventListener("click", async () => {
+      try { await api("/api/logout", { method: "POST" }); } catch (err) { /* signed out anyway */ }
+      showLogin("Signed out.");
     });
     window.addEventListener("hashchange", () => { if (state.signedIn) activate(location.hash.slice(1)); });
     fetch("/api/status", { credentials: "same-origin" }).then((r) => {
