@@ -17,7 +17,9 @@ Measured:
   per-message size check ``Gateway._accept`` runs when a body is over
   ``limits.max_message_bytes``;
 - the SQLite log: one group commit (``SQLiteLogWriter.append``) of k records,
-  as the committer does under load (wall time: it waits for fsync);
+  as the committer does under load (wall time: it waits for fsync), and one
+  or two processes committing to the same log at once, as two gateway
+  workers do;
 - the DuckDB store: the fixed cost of one pipeline step's ``DuckDBStore.write``
   (no rows), bare and with the counters a step carries (wall time).
 
@@ -33,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import tempfile
 import time
 from collections.abc import Callable
@@ -189,6 +192,53 @@ def sqlite_commit(directory: Path, payload: bytes, group: int, seconds: float) -
         writer.close()
 
 
+def _writer_loop(path: str, payload: bytes, begin: float, seconds: float, out: Any) -> None:
+    writer = SQLiteLogWriter(Path(path))
+    entries = [Entry("default", 0, 1, payload, workload.USER_AGENT)]
+    latencies: list[float] = []
+    while time.time() < begin:
+        time.sleep(0.001)
+    deadline = begin + seconds
+    while time.time() < deadline:
+        start = time.perf_counter()
+        writer.append(entries)
+        latencies.append(time.perf_counter() - start)
+    writer.close()
+    out.put(latencies)
+
+
+def sqlite_writers(directory: Path, payload: bytes, writers: int, seconds: float) -> dict[str, Any]:
+    """Processes committing one record at a time to one log, as gateway workers do.
+
+    Each process has its own connection, like each gateway worker's committer;
+    when one holds the write lock, the others wait in SQLite's busy handler.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    path = directory / f"writers-{writers}.sqlite"
+    SQLiteLogWriter(path).close()  # create the schema before the race
+    begin = time.time() + 1.0  # after every process has started
+    procs = [
+        ctx.Process(target=_writer_loop, args=(str(path), payload, begin, seconds, queue))
+        for _ in range(writers)
+    ]
+    for proc in procs:
+        proc.start()
+    latencies: list[float] = []
+    for _ in procs:
+        latencies += queue.get(timeout=seconds + 30)
+    for proc in procs:
+        proc.join(10)
+    latencies.sort()
+    return {
+        "commits_per_s": len(latencies) / seconds,
+        "p50_ms": latencies[len(latencies) // 2] * 1e3,
+        "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1e3,
+        "p999_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.999))] * 1e3,
+        "max_ms": latencies[-1] * 1e3,
+    }
+
+
 def store_write(directory: Path, seconds: float) -> dict[str, float]:
     """Wall time of one ``DuckDBStore.write`` with no rows, bare and with counters.
 
@@ -251,6 +301,9 @@ def main() -> None:
             f"{group}x{label}": sqlite_commit(directory, payload, group, seconds) * 1e3
             for label, payload in (("single", record), ("batch100", batch_record))
             for group in (1, 16, 128)
+        }
+        result["sqlite_writers"] = {
+            str(writers): sqlite_writers(directory, record, writers, 1.0) for writers in (1, 2)
         }
     print(json.dumps(result))
 

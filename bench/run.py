@@ -951,6 +951,13 @@ def render(ctx: Context, results: dict[str, Any]) -> str:
         commits = ", ".join(f"{k}: {v:.2f} ms" for k, v in hot["sqlite_commit_ms"].items())
         out.append("")
         out.append(f"SQLite group commit (`SQLiteLogWriter.append`, k records): {commits}.")
+        for writers, row in hot.get("sqlite_writers", {}).items():
+            out.append(
+                f"{writers} process(es) committing one single-event record at a time to one log:"
+                f" {_n(row['commits_per_s'])} commits/s in all, p50 {row['p50_ms']:.2f} ms,"
+                f" p99 {row['p99_ms']:.1f} ms, p99.9 {row['p999_ms']:.1f} ms,"
+                f" max {row['max_ms']:.1f} ms per commit."
+            )
         out.append("")
     if ctx.commands:
         out.append(
