@@ -641,6 +641,17 @@ def test_connection_failures_are_retryable_and_check_names_them(postgres_cluster
     good = build(destination(postgres_cluster.dsn()))
     good.check()
     good.close()
+    # A connection the server drops is retried, then replaced.
+    target = Postgres(destination(postgres_cluster.dsn(), schema="dropped"))
+    assert target.deliver([_track("c-2", {})]).kind == "delivered"
+    with psycopg.connect(postgres_cluster.dsn(), autocommit=True) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = 'headwater' AND datname = current_database()"
+        )
+    outcomes = [target.deliver([_track(f"c-{i}", {})]).kind for i in (3, 4)]
+    assert outcomes in (["retryable", "delivered"], ["delivered", "delivered"])
+    target.close()
     with pytest.raises(ConfigurationError, match=r"settings\.dsn"):
         build(DestinationConfig(name="w", kind="postgres", settings={}))
 
