@@ -58,6 +58,14 @@ def _run_as() -> str | None:
     raise RuntimeError("running as root and no postgres or nobody user to run PostgreSQL as")
 
 
+def _temp_parent(user: str | None) -> str | None:
+    """Where the cluster's directory goes: somewhere the other user can reach."""
+    default = Path(tempfile.gettempdir()).resolve()
+    if user is None or all(p.stat().st_mode & 0o001 for p in [default, *default.parents]):
+        return None
+    return "/tmp"
+
+
 class Cluster:
     """One PostgreSQL server: ``start()``, ``dsn()``, ``create_database()``, ``stop()``."""
 
@@ -70,7 +78,7 @@ class Cluster:
         self.time_zone = time_zone
         self.user = _run_as()
         self.port = _free_port()
-        self.root = Path(tempfile.mkdtemp(prefix="headwater-pg-"))
+        self.root = Path(tempfile.mkdtemp(prefix="headwater-pg-", dir=_temp_parent(self.user)))
         self.data = self.root / "data"
         self.log = self.root / "server.log"
 
