@@ -165,10 +165,22 @@ def running_cluster(durable: bool = False) -> Iterator[Cluster]:
 
 @pytest.fixture(scope="session")
 def postgres_cluster() -> Iterator[Cluster]:
-    """A PostgreSQL server for the whole session; skipped without PostgreSQL."""
-    pytest.importorskip("psycopg")
+    """A PostgreSQL server for the whole session.
+
+    Without psycopg or PostgreSQL's binaries the tests skip, except in CI
+    (``CI=true``), where that is an error.
+    """
+    missing = ""
     if find_binaries() is None:
-        pytest.skip("PostgreSQL server binaries (initdb) not found; scripts/test installs them")
+        missing = "PostgreSQL server binaries (initdb) not found; scripts/test installs them"
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        missing = 'psycopg is not installed: pip install -e ".[test]"'
+    if missing and os.environ.get("CI") == "true":
+        pytest.fail(missing)
+    if missing:
+        pytest.skip(missing)
     with running_cluster() as cluster:
         yield cluster
 
