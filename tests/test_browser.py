@@ -150,6 +150,10 @@ def test_console_in_chromium(node: str, make_server: Callable[..., RunningServer
     names = {s.name: s.write_key for s in _sources(server)}
     assert names[report["source"]["name"]] == report["source"]["writeKey"]
     assert report["source"]["curlSnippetHasKey"]
+    assert names["default"] == report["rotatedKey"] != server.write_key
+    copied = report["copiedSnippet"]
+    assert copied.startswith('import { AnalyticsBrowser } from "@segment/analytics-next";')
+    assert report["source"]["writeKey"] in copied and server.url in copied
     assert {"analytics-next (npm)", "@rudderstack/analytics-js", "curl"} <= set(
         report["snippetNames"]
     )

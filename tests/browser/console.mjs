@@ -71,6 +71,15 @@ try {
   result.source = { name, writeKey, curlSnippetHasKey: curl.includes(writeKey) };
   result.snippetNames = await page.$$eval("#snippets button[data-sdk]", (b) => b.map((x) => x.dataset.sdk));
   await page.click('#snippets button[data-sdk="analytics-next (npm)"]');
+  await context.grantPermissions(["clipboard-read", "clipboard-write"], { origin: opt.console });
+  await page.click("#snippets .view-head button:has-text('Copy')");
+  await page.waitForSelector("#snippets .view-head button:has-text('Copied')");
+  result.copiedSnippet = await page.evaluate(() => navigator.clipboard.readText());
+  // Rotate another source's key (after confirming): the table shows the new key.
+  page.once("dialog", (dialog) => dialog.accept());
+  await page.click('#sources-table tr[data-source="default"] button:has-text("Rotate key")');
+  await page.waitForFunction(() => document.querySelector('#sources-table tr[data-source="default"] .key').textContent !== "WRITE_KEY");
+  result.rotatedKey = (await page.textContent('#sources-table tr[data-source="default"] .key')).trim();
   await shot("sources");
   mark("created source");
 
