@@ -5,7 +5,12 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from headwater.destinations.base import ConfigurationError, Destination, DestinationConfig
+from headwater.destinations.base import (
+    BatchSettings,
+    ConfigurationError,
+    Destination,
+    DestinationConfig,
+)
 from headwater.destinations.routing import validate_filters
 
 __all__ = [
@@ -51,6 +56,11 @@ def build(config: DestinationConfig, data_dir: Path | None = None) -> Destinatio
     validate_filters(config)
     module = importlib.import_module(module_name)
     factory = getattr(module, class_name)
+    # A kind may batch differently by default (warehouses load thousands at once);
+    # batch settings left at the general defaults take the kind's.
+    kind_batch = getattr(factory, "default_batch", None)
+    if kind_batch is not None and config.batch == BatchSettings():
+        config.batch = kind_batch
     if config.kind in FILE_KINDS:
         destination: Destination = factory(config, data_dir)
     else:

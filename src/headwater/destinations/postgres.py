@@ -48,7 +48,12 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from headwater.destinations import warehouse
-from headwater.destinations.base import ConfigurationError, DestinationConfig, Outcome
+from headwater.destinations.base import (
+    BatchSettings,
+    ConfigurationError,
+    DestinationConfig,
+    Outcome,
+)
 from headwater.spec.timestamps import parse_ms
 
 if TYPE_CHECKING:
@@ -86,6 +91,8 @@ class PostgresSettings(msgspec.Struct, forbid_unknown_fields=True):
 
 class Postgres:
     is_warehouse = True
+    # Loads are cheapest in thousands of rows per COPY.
+    default_batch = BatchSettings(max_events=5000, max_bytes=16 * 1024 * 1024, max_age_ms=1000)
 
     def __init__(self, config: DestinationConfig) -> None:
         self.config = config
