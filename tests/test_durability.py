@@ -277,7 +277,7 @@ def test_gateway_workers_exit_when_the_server_process_dies(make_server: MakeServ
     os.kill(server.proc.pid, signal.SIGKILL)
     server.proc.wait()
     try:
-        assert wait_for(lambda: not any(alive(pid) for pid in children), 5), (
+        assert wait_for(lambda: not any(alive(pid) for pid in children), 20), (
             "gateway workers outlived the server process"
         )
     finally:

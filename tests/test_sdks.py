@@ -562,9 +562,10 @@ def test_rudder_python_round_trip(hw: RunningServer) -> None:
         assert row["user_agent"] == f"analytics-python/{RUDDER_VERSION}"
 
     identify, _track, page, screen, _, _ = sent
-    # rudder-sdk-python moves identify traits into context.traits and sends none at the top.
+    # rudder-sdk-python moves identify traits into context.traits and sends none at the
+    # top; the store fills the traits column from them, and keeps the context as sent.
     identify_row = rows[identify["messageId"]]
-    assert identify_row["traits"] is None
+    assert json.loads(identify_row["traits"]) == TRAITS
     assert json.loads(identify_row["context"])["traits"] == TRAITS
     assert identify_row["original_timestamp"] == "2024-03-10T02:45:30.250Z"
     track_row = rows["rudder-explicit-track-1"]

@@ -35,9 +35,13 @@ def for_source(write_key: str, public_url: str) -> dict[str, str]:
             f'rudder_analytics.dataPlaneUrl = "{public_url}"\n'
         ),
         "@rudderstack/analytics-js": (
-            'import { RudderAnalytics } from "@rudderstack/analytics-js";\n'
+            "// The bundled build carries its plugins: nothing is fetched from a CDN.\n"
+            'import { RudderAnalytics } from "@rudderstack/analytics-js/bundled";\n'
             "const analytics = new RudderAnalytics();\n"
-            f'analytics.load("{write_key}", "{public_url}", {{ configUrl: "{public_url}" }});\n'
+            f'analytics.load("{write_key}", "{public_url}", {{\n'
+            f'  configUrl: "{public_url}",\n'
+            '  plugins: ["XhrQueue", "StorageEncryption", "StorageMigrator"],\n'
+            "});\n"
         ),
         "curl": (
             f"curl -u '{write_key}:' -H 'Content-Type: application/json' \\\n"

@@ -152,6 +152,10 @@ class Pipeline:
             self.future_ms,
         )
         context = msg.get("context")
+        traits = msg.get("traits")
+        if traits is None and msg["type"] == "identify" and isinstance(context, dict):
+            # RudderStack's SDKs send identify traits only as context.traits.
+            traits = context.get("traits") if isinstance(context.get("traits"), dict) else None
         user_agent = (context or {}).get("userAgent")
         if not isinstance(user_agent, str):
             user_agent = record.user_agent
@@ -173,7 +177,7 @@ class Pipeline:
         append("sent_at").append(times.sent)
         append("received_at").append(times.received)
         append("properties").append(_json(msg.get("properties")))
-        append("traits").append(_json(msg.get("traits")))
+        append("traits").append(_json(traits))
         append("context").append(_json(context))
         append("integrations").append(_json(msg.get("integrations")))
         append("extra").append(_json(extra) if extra else None)
@@ -188,6 +192,8 @@ class Pipeline:
         append("warnings").append(times.warnings or None)
         append("log_offset").append(record.offset)
         event = dict(msg)
+        if traits is not None:
+            event["traits"] = traits
         event["timestamp"] = format_ms(times.timestamp)
         event["originalTimestamp"] = format_ms(times.original)
         event["sentAt"] = format_ms(times.sent)
