@@ -12,8 +12,9 @@ Measured:
 - the whole gateway application (``Gateway`` called as ASGI, with a committer
   that returns at once), for a single ``/v1/track`` event and a 100-event
   ``/v1/batch``;
-- its parts: JSON decode (``body.parse_json``), ``normalize`` on every
-  message, encoding the log record (``msgspec.json.encode``), and the
+- its parts: JSON decode (``body.parse_json``), the nesting-depth screen
+  (``body.nests_deeper``, where present), ``normalize`` on every message,
+  encoding the log record (``msgspec.json.encode``), and the
   per-message size check ``Gateway._accept`` runs when a body is over
   ``limits.max_message_bytes``;
 - the SQLite log: one group commit (``SQLiteLogWriter.append``) of k records,
@@ -171,6 +172,9 @@ def gateway_parts(body: bytes, size: int, seconds: float) -> dict[str, float]:
         ),
         "encode_us": per_call(lambda: _encode(messages), seconds),
     }
+    depth_check = getattr(bodies, "nests_deeper", None)
+    if depth_check is not None:  # the gateway's nesting screen, where it has one
+        parts["depth_check_us"] = per_call(lambda: depth_check(body, 64), seconds)
     if len(body) > config.LimitSettings().max_message_bytes:
         # What Gateway._accept does for every message of a body over the limit.
         def size_check() -> None:

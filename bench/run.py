@@ -305,6 +305,28 @@ class Host:
         table = process_table()
         return {pid: table[pid][1] for pid in self.tree if pid in table}
 
+    def worker_thread_cpu(self) -> tuple[float, float]:
+        """CPU seconds of the workers' main threads (the event loops) and of their other
+        threads (the log writer, ...), read per thread from /proc."""
+        loop = other = 0.0
+        for pid in self.tree[1:]:
+            try:
+                tasks = list(Path(f"/proc/{pid}/task").iterdir())
+            except OSError:
+                continue
+            for task in tasks:
+                try:
+                    stat = (task / "stat").read_text()
+                except OSError:
+                    continue
+                fields = stat[stat.rindex(")") + 2 :].split()
+                seconds = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+                if task.name == str(pid):
+                    loop += seconds
+                else:
+                    other += seconds
+        return loop, other
+
     def stop(self) -> None:
         self.signal_stop()
         self.wait_stopped()
@@ -412,10 +434,12 @@ def wrk(ctx: Context, host: Host, mode: str, connections: int, seconds: float) -
     argv += ["-s", str(LUA), host.url, "--", mode, str(size), ctx.tag(mode[0])]
     note_command(ctx, f"wrk {mode}", argv, **{host.url: "http://127.0.0.1:PORT", argv[-1]: "TAG"})
     before, usage = host.cpu(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    threads_before = host.worker_thread_cpu()
     start = time.perf_counter()
     done = run_quiet(argv, timeout=seconds + 30)
     wall = time.perf_counter() - start
     after, usage_after = host.cpu(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    threads_after = host.worker_thread_cpu()
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if not lines:
         raise RuntimeError(f"wrk gave no result: {done.stdout}\n{done.stderr}")
@@ -436,6 +460,8 @@ def wrk(ctx: Context, host: Host, mode: str, connections: int, seconds: float) -
         / wall,
         worker_cpu_us_per_event=workers / (requests * size) * 1e6,
         server_cpu_us_per_event=(main + workers) / (requests * size) * 1e6,
+        worker_loop_us_per_request=(threads_after[0] - threads_before[0]) / requests * 1e6,
+        worker_threads_us_per_request=(threads_after[1] - threads_before[1]) / requests * 1e6,
     )
     if result["errors"]:
         say(f"{host.label} {mode}: {result['errors']} errors (status or socket)")
@@ -550,6 +576,8 @@ def phase_alternatives(ctx: Context) -> list[dict[str, Any]]:
     for stack, workers in configs:
         # granian runs the gateway alone; on uvicorn, also the whole of headwater serve
         apps = ["noop", "gateway"] + (["headwater"] if stack == "uvicorn" else [])
+        if stack == "uvicorn" and workers > 1:
+            apps.append("gateway-sharded")  # no shared write lock between workers
         hosts = start_all(
             [Host(f"{app}-{stack}{workers}", app, stack, workers, ctx) for app in apps]
         )
@@ -801,9 +829,9 @@ def render(ctx: Context, results: dict[str, Any]) -> str:
         out.append("")
         out.append(
             "| load | server | req/s | events/s | p50 | p99 | CPU cores: workers / main / client |"
-            " server CPU µs per event |"
+            " server CPU µs per event | worker CPU µs per request: event loop / other threads |"
         )
-        out.append("|---|---|---:|---:|---:|---:|---|---:|")
+        out.append("|---|---|---:|---:|---:|---:|---|---:|---|")
         for mode in ("track", "batch"):
             for host in ("headwater", "noop"):
                 for run in main[mode][host]:
@@ -813,6 +841,8 @@ def render(ctx: Context, results: dict[str, Any]) -> str:
                         f" {_ms(run['p99_us'] / 1000)} | {run['worker_cores']:.2f} /"
                         f" {run['main_cores']:.2f} / {run['client_cores']:.2f} |"
                         f" {run['server_cpu_us_per_event']:.1f} |"
+                        f" {run['worker_loop_us_per_request']:.1f} /"
+                        f" {run['worker_threads_us_per_request']:.1f} |"
                     )
         for key, label in (
             ("half_headwater", "headwater"),
@@ -825,7 +855,7 @@ def render(ctx: Context, results: dict[str, Any]) -> str:
                 f"| open loop {name} {_n(run['target_rate'])}/s | {label} |"
                 f" {_n(run['achieved_rate'])} | {_n(run['achieved_rate'])} | {_ms(run['p50_ms'])} |"
                 f" {_ms(run['p99_ms'])} (p99.9 {_ms(run['p999_ms'])}) | {run['worker_cores']:.2f} /"
-                f" {run['main_cores']:.2f} / {run['client_cpu_cores']:.2f} | — |"
+                f" {run['main_cores']:.2f} / {run['client_cpu_cores']:.2f} | — | — |"
             )
         fresh = main["freshness"]
         out.append("")
@@ -844,14 +874,15 @@ def render(ctx: Context, results: dict[str, Any]) -> str:
     if alternatives:
         out.append(
             f"Alternatives ({ctx.args.alt_seconds:g} s per run; `gateway` = headwater's gateway"
-            " workers with no pipeline running):"
+            " workers with no pipeline running; `gateway-sharded` = the same with one log file"
+            " per worker, so no shared SQLite write lock):"
         )
         out.append("")
         out.append(
             "| stack | workers | app | track req/s | track p99 | batch events/s | batch p99 |"
-            " track vs no-op | batch vs no-op |"
+            " track vs no-op | batch vs no-op | server CPU µs/event: track / batch |"
         )
-        out.append("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+        out.append("|---|---:|---|---:|---:|---:|---:|---:|---:|---|")
         table: dict[tuple[str, int, str], dict[str, dict[str, Any]]] = {}
         for row in alternatives:
             table.setdefault((row["stack"], row["workers"], row["app"]), {})[row["mode"]] = row
@@ -866,6 +897,8 @@ def render(ctx: Context, results: dict[str, Any]) -> str:
                 f" {_n(batch['events_per_s'])} | {_ms(batch['p99_us'] / 1000)} |"
                 f" {track['rps'] / base['track']['rps']:.0%} |"
                 f" {batch['events_per_s'] / base['batch']['events_per_s']:.0%} |"
+                f" {track['server_cpu_us_per_event']:.0f} /"
+                f" {batch['server_cpu_us_per_event']:.1f} |"
             )
         out.append("")
     profile = results.get("profile")
@@ -916,9 +949,12 @@ def render(ctx: Context, results: dict[str, Any]) -> str:
         )
         for part, label in (
             ("decode_us", "`body.parse_json`"),
+            ("depth_check_us", "`body.nests_deeper` (nesting screen)"),
             ("normalize_us", "`normalize` on every message"),
             ("encode_us", "encode the log record"),
         ):
+            if part not in hot["single"]:
+                continue
             out.append(
                 f"| {label} | {hot['single'][part]:.1f} µs | {hot['batch'][part]:.0f} µs |"
                 f" {hot['batch'][part] / 100:.2f} µs |"
@@ -1003,7 +1039,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--fresh-share", type=float, default=0.25, help="of peak track rate")
     parser.add_argument("--poll-ms", type=float, default=20.0, help="freshness polling")
-    parser.add_argument("--profile-seconds", type=float, default=4.0)
+    parser.add_argument("--profile-seconds", type=float, default=3.0)
     parser.add_argument("--profile-rate", type=int, default=200, help="py-spy samples/s")
     parser.add_argument("--out", type=Path, help="raw results; default bench/out/DATE")
     parser.add_argument("--record", action="store_true", help="write into bench/RESULTS.md")

@@ -9,9 +9,13 @@ the ones ``headwater serve`` runs with.  The application is either
   success; only the application differs from headwater.
 - ``gateway``: headwater's real gateway and group committer, unchanged, but no
   pipeline runs in the main process.  Compared with ``headwater serve`` this
-  shows what the pipeline's share of the CPU costs the gateway.
+  shows what the pipeline costs the gateway (its CPU, and its commits to the
+  log, which take the same SQLite write lock).
+- ``gateway-sharded``: the same, but each worker appends to a log file of its
+  own (``log-PID.sqlite``), so the workers never wait for each other's write
+  lock.  An experiment, not a supported layout: nothing reads these logs.
 
-    python bench/stack.py --app noop|gateway --data-dir DIR --workers 2
+    python bench/stack.py --app noop|gateway|gateway-sharded --data-dir DIR --workers 2
 
 It binds a free loopback port and writes ``{"host": ..., "port": ...}`` to
 ``DIR/run/serve.json``.  SIGTERM or SIGINT stops it and its workers.
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import signal
 import socket
 import threading
@@ -73,6 +78,9 @@ def worker(app_name: str, data_dir: str, sock: socket.socket) -> None:
     """headwater's ``run_worker``; for ``noop`` with ``NoopApp`` as the gateway."""
     from headwater import serve
 
+    if app_name == "gateway-sharded":
+        pid = os.getpid()
+        serve.log_path = lambda directory: directory / f"log-{pid}.sqlite"  # type: ignore[assignment]
     if app_name == "noop":
         from headwater.gateway import app, committer
 
@@ -85,7 +93,7 @@ def main() -> int:
     from headwater import serve
 
     parser = argparse.ArgumentParser(description="headwater's server stack, no pipeline")
-    parser.add_argument("--app", choices=("noop", "gateway"), default="noop")
+    parser.add_argument("--app", choices=("noop", "gateway", "gateway-sharded"), default="noop")
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--workers", type=int, default=2)
