@@ -381,6 +381,9 @@ class Context:
         self.src = src
         self.hosts_started = 0
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("HEADWATER_")}
+        # The console (admin API) listens on a port of its own: let each server
+        # bind a free one, so runs never collide with each other or other servers.
+        self.env["HEADWATER_CONSOLE_PORT"] = "0"
         self.env["PYTHONPATH"] = os.pathsep.join([str(src), str(BENCH)])
         self.wrk = ""
         self.py_spy: str | None = None
