@@ -16,8 +16,8 @@ from typing import Any
 
 import httpx
 
+from headwater import config
 from headwater.destinations.delivery import DeliveryWorker
-from headwater.destinations.state import DeliveryState
 from headwater.store.base import EventStore, QueryResult
 
 
@@ -46,8 +46,12 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
-def delivery_status(data_dir: Path, workers: list[DeliveryWorker] | None) -> dict[str, Any]:
-    state = DeliveryState(data_dir)
+def delivery_status(
+    settings: config.Settings, data_dir: Path, workers: list[DeliveryWorker] | None
+) -> dict[str, Any]:
+    from headwater import backends  # not at import: the CLI starts without DuckDB
+
+    state = backends.delivery_state(settings, data_dir)
     try:
         counters = state.counters()
     finally:

@@ -25,7 +25,7 @@ from headwater.destinations.replay import (
     replay_events,
     time_bounds,
 )
-from headwater.destinations.state import DeadLetter, DeliveryState
+from headwater.destinations.state import DeadLetter
 from headwater.spec.timestamps import format_ms
 from headwater.store.base import QueryResult
 
@@ -142,15 +142,16 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def _run_query(data_dir: Path, sql: str) -> QueryResult:
+    from headwater import backends
+
     client = AdminClient.connect(data_dir)
     if client is not None:
         return client.query(sql)
-    from headwater.store.duckdb import DuckDBStore, store_path
-
-    path = store_path(data_dir)
-    if not path.exists():
-        raise RuntimeError(f"no event store at {path}; start `headwater serve` first")
-    store = DuckDBStore(path, read_only=True)
+    settings = config.load(data_dir)
+    missing = backends.store_missing(settings, data_dir)
+    if missing:
+        raise RuntimeError(f"{missing}; start `headwater serve` first")
+    store = backends.open_store(settings, data_dir, read_only=True)
     try:
         return store.query(sql)
     finally:
@@ -186,18 +187,19 @@ def _csv_cell(value: Any) -> Any:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from headwater import backends
+
     data_dir = _data_dir(args)
     client = AdminClient.connect(data_dir)
     if client is not None:
         status = client.status()
         running = True
     else:
-        from headwater.store.duckdb import DuckDBStore, store_path
-
-        if not store_path(data_dir).exists():
+        settings = config.load(data_dir)
+        if backends.store_missing(settings, data_dir):
             print("no events stored yet; start `headwater serve`", file=sys.stderr)
             return 1
-        store = DuckDBStore(store_path(data_dir), read_only=True)
+        store = backends.open_store(settings, data_dir, read_only=True)
         try:
             status = status_of(store, None)
         finally:
@@ -320,7 +322,9 @@ def cmd_destinations_check(args: argparse.Namespace) -> int:
 
 
 def cmd_deadletters_list(args: argparse.Namespace) -> int:
-    state = DeliveryState(_data_dir(args))
+    from headwater import backends
+
+    state = backends.delivery_state(_settings(args), _data_dir(args))
     try:
         letters = state.dead_letters(args.destination, include_replayed=args.all, limit=args.limit)
     finally:
@@ -344,7 +348,9 @@ def cmd_deadletters_list(args: argparse.Namespace) -> int:
 
 
 def cmd_deadletters_show(args: argparse.Namespace) -> int:
-    state = DeliveryState(_data_dir(args))
+    from headwater import backends
+
+    state = backends.delivery_state(_settings(args), _data_dir(args))
     try:
         letters = state.dead_letters(include_replayed=True, ids=[args.id], limit=1)
     finally:
@@ -376,27 +382,29 @@ def cmd_deadletters_show(args: argparse.Namespace) -> int:
 
 
 def cmd_deadletters_replay(args: argparse.Namespace) -> int:
+    from headwater import backends
+
     data_dir = _data_dir(args)
     settings = _settings(args)
-    state = DeliveryState(data_dir)
+    state = backends.delivery_state(settings, data_dir)
     try:
         letters = state.dead_letters(args.destination, ids=args.ids or None, limit=1_000_000)
+        by_destination: dict[str, list[DeadLetter]] = {}
+        for letter in letters:
+            by_destination.setdefault(letter.destination, []).append(letter)
+        failed_total = 0
+        for name, group in by_destination.items():
+            destination = _destination(settings, name, data_dir)
+            try:
+                delivered, failed = replay_dead_letters(
+                    state, destination, group, time.time_ns() // 1_000_000, _progress
+                )
+            finally:
+                destination.close()
+            failed_total += failed
+            print(f"{name}: {delivered} delivered, {failed} still failing")
     finally:
         state.close()
-    by_destination: dict[str, list[DeadLetter]] = {}
-    for letter in letters:
-        by_destination.setdefault(letter.destination, []).append(letter)
-    failed_total = 0
-    for name, group in by_destination.items():
-        destination = _destination(settings, name, data_dir)
-        try:
-            delivered, failed = replay_dead_letters(
-                data_dir, destination, group, time.time_ns() // 1_000_000, _progress
-            )
-        finally:
-            destination.close()
-        failed_total += failed
-        print(f"{name}: {delivered} delivered, {failed} still failing")
     if not by_destination:
         print("no dead letters to replay")
     return 1 if failed_total else 0
@@ -441,15 +449,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _local_report(data_dir: Path) -> dict[str, Any]:
+    from headwater import backends
     from headwater.console.server import report_inputs
     from headwater.log.sqlite import SQLiteLogReader, log_path
     from headwater.metrics import report
-    from headwater.store.duckdb import DuckDBStore, store_path
 
     settings = config.load(data_dir)
-    if not store_path(data_dir).exists():
+    if backends.store_missing(settings, data_dir):
         raise RuntimeError("no event store yet; start `headwater serve` first")
-    store = DuckDBStore(store_path(data_dir), read_only=True)
+    store = backends.open_store(settings, data_dir, read_only=True)
     reader = SQLiteLogReader(log_path(data_dir))
     try:
         lag = reader.pending_events(store.committed("store"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import secrets
 import tomllib
 from pathlib import Path
@@ -67,6 +68,10 @@ class LogSettings(msgspec.Struct, forbid_unknown_fields=True):
 
 class StoreSettings(msgspec.Struct, forbid_unknown_fields=True):
     backend: str = "duckdb"
+    # backend = "postgres": a libpq connection string or postgresql:// URL; the store,
+    # the delivery state and the rejection log live in this schema (created if missing).
+    dsn: str = ""
+    schema: str = "headwater"
 
 
 class PipelineSettings(msgspec.Struct, forbid_unknown_fields=True):
@@ -101,7 +106,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True):
 
 
 _SECTIONS = ("server", "console", "limits", "log", "store", "pipeline", "report")
-_BACKENDS = {"log.backend": ("sqlite",), "store.backend": ("duckdb",)}
+_BACKENDS = {"log.backend": ("sqlite",), "store.backend": ("duckdb", "postgres")}
 
 
 def resolve_data_dir(explicit: str | None = None) -> Path:
@@ -180,6 +185,8 @@ def _validate(settings: Settings) -> None:
             raise ConfigError(f"{name}: must be positive, got {value}")
     if settings.pipeline.dedup_window_hours < 24:
         raise ConfigError("pipeline.dedup_window_hours: must be at least 24")
+    if settings.store.backend == "postgres":
+        _validate_postgres(settings.store)
     names: set[str] = set()
     keys: set[str] = set()
     for index, source in enumerate(settings.sources):
@@ -196,6 +203,27 @@ def _validate(settings: Settings) -> None:
                 f"destinations[{index}].name: empty or repeated ({destination.name!r})"
             )
         destinations.add(destination.name)
+
+
+def _validate_postgres(store: StoreSettings) -> None:
+    if not store.dsn.strip():
+        raise ConfigError('store.dsn: required with store.backend = "postgres"')
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+    except ImportError:
+        raise ConfigError(
+            'store.backend: "postgres" needs psycopg (pip install "headwater[postgres]")'
+        ) from None
+    try:
+        conninfo_to_dict(store.dsn)
+    except Exception:
+        # The message may quote the string, password and all: name the setting only.
+        raise ConfigError("store.dsn: not a libpq connection string or URL") from None
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", store.schema):
+        raise ConfigError(
+            f"store.schema: {store.schema!r} must be 1-63 letters, digits or '_',"
+            " not starting with a digit"
+        )
 
 
 def load(data_dir: Path, environ: dict[str, str] | None = None) -> Settings:

@@ -28,8 +28,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from headwater.destinations.state import DeliveryState
-from headwater.log.rejections import RejectionLog
+from headwater import backends
 
 if TYPE_CHECKING:
     from headwater.console.server import Console
@@ -82,7 +81,7 @@ class _Collector(Collector):
             ("headwater_events_duplicate", "duplicates", "Duplicate messages dropped."),
         ):
             yield CounterMetricFamily(name, text, value=stored.get(key, 0))
-        rejections = RejectionLog(console.data_dir)
+        rejections = backends.rejection_log(console.settings, console.data_dir)
         try:
             rejected = rejections.counts(0, time.time_ns() // 1_000_000 + 60_000)
         finally:
@@ -105,7 +104,7 @@ class _Collector(Collector):
             sum_value=None,
         )
 
-        state = DeliveryState(console.data_dir)
+        state = backends.delivery_state(console.settings, console.data_dir)
         try:
             counters = state.counters()
             dead = {

@@ -39,14 +39,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from headwater import config, insights
+from headwater import backends, config, insights
 from headwater.admin import admin_file, delivery_status, status_of, to_jsonable
 from headwater.console import snippets
 from headwater.console.metrics import render_metrics
 from headwater.destinations.delivery import DeliveryWorker
 from headwater.destinations.replay import replay_dead_letters
-from headwater.destinations.state import DeliveryState
-from headwater.log.rejections import RejectionLog
 from headwater.metrics import report
 from headwater.pipeline.runner import Pipeline
 from headwater.store.base import EventStore
@@ -108,7 +106,7 @@ class Console:
     # -- status, query, tail ---------------------------------------------------
     def status(self) -> dict[str, Any]:
         status = status_of(self.store, self.pipeline.lag())
-        status["destinations"] = delivery_status(self.data_dir, self.workers)
+        status["destinations"] = delivery_status(self.settings, self.data_dir, self.workers)
         return status
 
     def query(self, sql: str) -> dict[str, Any]:
@@ -228,15 +226,15 @@ class Console:
 
     # -- destinations and dead letters -----------------------------------------
     def destinations(self) -> dict[str, Any]:
-        overview = delivery_status(self.data_dir, self.workers)
+        overview = delivery_status(self.settings, self.data_dir, self.workers)
         stored = self.store.counters()
-        rejections = RejectionLog(self.data_dir)
+        rejections = backends.rejection_log(self.settings, self.data_dir)
         try:
             rejected = rejections.counts(0, now_ms() + 60_000)
             rejected_samples = {code: rejections.samples(code) for code in rejected}
         finally:
             rejections.close()
-        state = DeliveryState(self.data_dir)
+        state = backends.delivery_state(self.settings, self.data_dir)
         try:
             result = []
             for worker in self.workers:
@@ -283,7 +281,7 @@ class Console:
         }
 
     def dead_letters(self, destination: str | None) -> dict[str, Any]:
-        state = DeliveryState(self.data_dir)
+        state = backends.delivery_state(self.settings, self.data_dir)
         try:
             letters = state.dead_letters(destination, limit=500)
         finally:
@@ -311,14 +309,12 @@ class Console:
         if worker is None:
             raise ApiError(400, "destination: an enabled destination name is required")
         ids = body.get("ids") or None
-        state = DeliveryState(self.data_dir)
+        state = backends.delivery_state(self.settings, self.data_dir)
         try:
             letters = state.dead_letters(worker.name, ids=ids, limit=100_000)
+            delivered, failed = replay_dead_letters(state, worker.destination, letters, now_ms())
         finally:
             state.close()
-        delivered, failed = replay_dead_letters(
-            self.data_dir, worker.destination, letters, now_ms()
-        )
         return {"delivered": delivered, "failed": failed}
 
     def metrics(self) -> str:
@@ -335,20 +331,20 @@ def report_inputs(
     from headwater import destinations as kinds
 
     def delivery(since: int, until: int) -> dict[str, dict[str, int]]:
-        state = DeliveryState(data_dir)
+        state = backends.delivery_state(settings, data_dir)
         try:
             return state.since(since, until)
         finally:
             state.close()
 
     def rejected(since: int, until: int) -> dict[str, int]:
-        rejections = RejectionLog(data_dir)
+        rejections = backends.rejection_log(settings, data_dir)
         try:
             return rejections.counts(since, until)
         finally:
             rejections.close()
 
-    state = DeliveryState(data_dir)
+    state = backends.delivery_state(settings, data_dir)
     try:
         dead = len(state.dead_letters(limit=1_000_000))
     finally:
@@ -534,7 +530,7 @@ def _handler(console: Console) -> type[BaseHTTPRequestHandler]:
             recent = console.pipeline.tail.after(0)
             if not after and recent:
                 after = max(0, recent[-1]["seq"] - int(params.get("backlog", "50")))
-            rejections = RejectionLog(console.data_dir)
+            rejections = backends.rejection_log(console.settings, console.data_dir)
             last_rejection = max(0, rejections.latest_id() - int(params.get("backlog", "50")))
             idle = 0.0
             try:

@@ -18,7 +18,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -28,6 +28,9 @@ from headwater.destinations.state import DeadLetter, DeliveryState
 from headwater.log.base import ProcessedConsumer
 from headwater.log.processed import ProcessedLog, SQLiteProcessedConsumer
 from headwater.spec.timestamps import parse_ms
+
+if TYPE_CHECKING:
+    from headwater.state.base import DeliveryStateStore
 
 log = logging.getLogger("headwater.delivery")
 
@@ -74,7 +77,7 @@ class DeliveryWorker:
         destination: Destination,
         stop: threading.Event,
         consumer: ProcessedConsumer,
-        state: DeliveryState,
+        state: DeliveryStateStore,
     ) -> None:
         self.destination = destination
         self.config = destination.config
@@ -90,10 +93,18 @@ class DeliveryWorker:
 
     @classmethod
     def embedded(
-        cls, data_dir: Path, destination: Destination, stop: threading.Event
+        cls,
+        data_dir: Path,
+        destination: Destination,
+        stop: threading.Event,
+        state: DeliveryStateStore | None = None,
     ) -> DeliveryWorker:
-        """A worker on the SQLite processed log; a new destination starts at its end."""
-        state = DeliveryState(data_dir)
+        """A worker on the SQLite processed log; a new destination starts at its end.
+
+        Its cursor is kept in ``state`` (by default the SQLite one beside the log).
+        """
+        if state is None:
+            state = DeliveryState(data_dir)
         processed = ProcessedLog(data_dir)
         try:
             state.start_at(destination.config.name, processed.end_offset())

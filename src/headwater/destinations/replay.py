@@ -9,14 +9,16 @@ letter that is delivered is marked replayed and moves from the destination's
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from headwater.destinations.base import Destination, Outcome
-from headwater.destinations.state import DeadLetter, DeliveryState
+from headwater.destinations.state import DeadLetter
 from headwater.spec.timestamps import parse_ms
+
+if TYPE_CHECKING:
+    from headwater.state.base import DeliveryStateStore
 
 _decode = msgspec.json.Decoder().decode
 
@@ -73,31 +75,30 @@ def deliver_once(destination: Destination, events: list[dict[str, Any]]) -> Outc
 
 
 def replay_dead_letters(
-    data_dir: Path,
+    state: DeliveryStateStore,
     destination: Destination,
     letters: list[DeadLetter],
     now_ms: int,
     progress: Progress | None = None,
 ) -> tuple[int, int]:
-    """Deliver dead letters one batch at a time; return (delivered, still failing)."""
-    state = DeliveryState(data_dir)
+    """Deliver dead letters one batch at a time, marking them in ``state``.
+
+    Return (delivered, still failing).
+    """
     delivered = failed = 0
     size = max(1, destination.config.batch.max_events)
-    try:
-        for start in range(0, len(letters), size):
-            chunk = letters[start : start + size]
-            outcome = deliver_once(destination, [_decode(letter.event) for letter in chunk])
-            if outcome.kind == "delivered":
-                ok = [letter.id for i, letter in enumerate(chunk) if i not in outcome.rejected]
-            else:
-                ok = [letter.id for letter in chunk[: outcome.completed]]
-            state.mark_replayed(destination.config.name, ok, now_ms)
-            delivered += len(ok)
-            failed += len(chunk) - len(ok)
-            if progress:
-                progress(delivered + failed, len(letters))
-    finally:
-        state.close()
+    for start in range(0, len(letters), size):
+        chunk = letters[start : start + size]
+        outcome = deliver_once(destination, [_decode(letter.event) for letter in chunk])
+        if outcome.kind == "delivered":
+            ok = [letter.id for i, letter in enumerate(chunk) if i not in outcome.rejected]
+        else:
+            ok = [letter.id for letter in chunk[: outcome.completed]]
+        state.mark_replayed(destination.config.name, ok, now_ms)
+        delivered += len(ok)
+        failed += len(chunk) - len(ok)
+        if progress:
+            progress(delivered + failed, len(letters))
     return delivered, failed
 
 

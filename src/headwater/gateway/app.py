@@ -31,7 +31,7 @@ from urllib.parse import parse_qsl
 
 import msgspec
 
-from headwater import config
+from headwater import backends, config
 from headwater.gateway import body as bodies
 from headwater.gateway.committer import Committer, Overloaded
 from headwater.gateway.rejections import RejectionRecorder
@@ -100,7 +100,7 @@ class Gateway:
         self.data_dir = data_dir
         self.committer = committer
         self.budget = bodies.Budget(settings.server.max_inflight_bytes)
-        self.recorder = RejectionRecorder(data_dir)
+        self.recorder = RejectionRecorder(lambda: backends.rejection_log(settings, data_dir))
         self._apply(settings)
         self._config_mtime = self._mtime()
         self._reloader: asyncio.Task[None] | None = None

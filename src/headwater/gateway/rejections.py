@@ -11,16 +11,17 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from pathlib import Path
+from collections.abc import Callable
 
-from headwater.log.rejections import Rejected, RejectionLog
+from headwater.log.rejections import Rejected
+from headwater.state.base import RejectionStore
 
 log = logging.getLogger("headwater.gateway")
 
 
 class RejectionRecorder:
-    def __init__(self, data_dir: Path, capacity: int = 1000) -> None:
-        self.data_dir = data_dir
+    def __init__(self, open_log: Callable[[], RejectionStore], capacity: int = 1000) -> None:
+        self.open_log = open_log
         self._queue: deque[Rejected] = deque(maxlen=capacity)
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -43,7 +44,7 @@ class RejectionRecorder:
             self._thread.join(5)
 
     def _run(self) -> None:
-        rejections: RejectionLog | None = None
+        rejections: RejectionStore | None = None
         try:
             while not self._stop.is_set() or self._queue:
                 self._wake.wait(0.25)
@@ -55,7 +56,7 @@ class RejectionRecorder:
                     continue
                 try:
                     if rejections is None:
-                        rejections = RejectionLog(self.data_dir)
+                        rejections = self.open_log()
                     rejections.record(batch)
                 except Exception as exc:  # a full disk must not take the gateway down
                     log.warning("could not record %d refused requests: %s", len(batch), exc)

@@ -8,7 +8,7 @@ twice.  Destinations read this topic, each with its own committed offset.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +46,10 @@ def connect(data_dir: Path) -> sqlite3.Connection:
 
 
 class ProcessedLog:
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, min_cursor: Callable[[], int | None] | None = None) -> None:
         self._con = connect(data_dir)
+        # Where the destination cursors are kept elsewhere (PostgreSQL), their minimum.
+        self._min_cursor = min_cursor
 
     def append(self, batches: Sequence[tuple[Record, list[dict[str, Any]]]]) -> None:
         """Append each raw record's events as one record, in one transaction.
@@ -104,10 +106,14 @@ class ProcessedLog:
 
     def prune(self, older_than_ms: int) -> int:
         """Drop records older than the given time that every destination has passed."""
-        row = self._con.execute(
-            "SELECT min(offset) FROM consumer_offsets WHERE consumer LIKE 'destination:%'"
-        ).fetchone()
-        through = self.end_offset() if row[0] is None else int(row[0])
+        if self._min_cursor is not None:
+            lowest = self._min_cursor()
+        else:
+            row = self._con.execute(
+                "SELECT min(offset) FROM consumer_offsets WHERE consumer LIKE 'destination:%'"
+            ).fetchone()
+            lowest = None if row[0] is None else int(row[0])
+        through = self.end_offset() if lowest is None else lowest
         cursor = self._con.execute(
             "DELETE FROM processed WHERE offset <= ? AND received_ms < ?",
             (through, older_than_ms),
