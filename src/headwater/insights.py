@@ -65,7 +65,12 @@ def _bucket(bucket: str) -> str:
 
 
 def json_path(path: str) -> str:
-    """A property path like ``properties.plan`` as a DuckDB JSON extraction."""
+    """A property path like ``properties.plan`` as a JSON extraction.
+
+    Keys are chained with ``->`` and ``->>``, which DuckDB and PostgreSQL read
+    alike; a key starting with ``$`` (DuckDB would read it as a JSONPath)
+    takes DuckDB's JSONPath form instead.
+    """
     if not _PATH.match(path):
         raise InsightError(f"breakdown: {path!r} is not a dotted field path")
     root, _, rest = path.partition(".")
@@ -77,8 +82,12 @@ def json_path(path: str) -> str:
             "breakdown: use properties.X, traits.X, context.X or one of "
             + ", ".join(sorted(columns))
         )
-    pointer = "$." + ".".join(f'"{part}"' for part in rest.split("."))
-    return f"({root} ->> '{pointer}')"
+    parts = rest.split(".")
+    if any(part.startswith("$") for part in parts):
+        pointer = "$." + ".".join(f'"{part}"' for part in parts)
+        return f"({root} ->> '{pointer}')"
+    keys = "".join(f" -> '{part}'" for part in parts[:-1])
+    return f"({root}{keys} ->> '{parts[-1]}')"
 
 
 def _event_filter(event: str | None) -> tuple[str, list[Any]]:
@@ -112,7 +121,7 @@ def counts(
         f" FROM events WHERE {where} AND {HUMAN}),"
         " top AS (SELECT value FROM base GROUP BY value ORDER BY count(*) DESC LIMIT ?)"
         " SELECT b.bucket, b.value, count(*) AS events FROM base b JOIN top t"
-        " ON b.value IS NOT DISTINCT FROM t.value GROUP BY ALL ORDER BY 1, 2"
+        " ON b.value IS NOT DISTINCT FROM t.value GROUP BY 1, 2 ORDER BY 1, 2"
     )
     _, rows = query(sql, [*args, limit])
     return {
@@ -228,7 +237,7 @@ def retention(
         f" WHERE {window.sql()}{return_filter} AND {HUMAN}),"
         f" periods AS (SELECT f.cohort, date_diff('{trunc}', f.cohort, a.active) AS period,"
         " count(DISTINCT f.person) AS people FROM firsts f JOIN activity a"
-        " ON a.person = f.person AND a.active >= f.cohort GROUP BY ALL)"
+        " ON a.person = f.person AND a.active >= f.cohort GROUP BY 1, 2)"
         " SELECT f.cohort, count(*) AS size FROM firsts f GROUP BY f.cohort ORDER BY f.cohort"
     )
     _, sizes = query(sql, [*window.args(), *start_args, *window.args(), *return_args])

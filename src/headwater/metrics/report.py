@@ -121,10 +121,12 @@ class Inputs:
 
 def _quantiles(inputs: Inputs, since: int, until: int) -> tuple[float | None, ...]:
     rows = inputs.query(
-        "SELECT quantile_cont(s, 0.5), quantile_cont(s, 0.95), quantile_cont(s, 0.99) FROM"
+        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY s),"
+        " percentile_cont(0.95) WITHIN GROUP (ORDER BY s),"
+        " percentile_cont(0.99) WITHIN GROUP (ORDER BY s) FROM"
         " (SELECT (epoch_ms(stored_at) - epoch_ms(received_at)) / 1000.0 AS s FROM events"
         " WHERE received_at >= make_timestamptz(? * 1000)"
-        " AND received_at < make_timestamptz(? * 1000))",
+        " AND received_at < make_timestamptz(? * 1000)) AS d",
         [since, until],
     )
     return tuple(None if v is None else float(v) for v in rows[0])
@@ -374,9 +376,9 @@ def build(inputs: Inputs, settings: ReportSettings, now_ms: int) -> dict[str, An
         by_reason=current["rejections"],
     )
     libraries = inputs.query(
-        "SELECT coalesce(context ->> '$.library.name', '(none)'),"
-        " coalesce(context ->> '$.library.version', ''), count(*) FROM events"
-        " WHERE received_at >= make_timestamptz(? * 1000) GROUP BY ALL ORDER BY 3 DESC LIMIT 20",
+        "SELECT coalesce(context -> 'library' ->> 'name', '(none)'),"
+        " coalesce(context -> 'library' ->> 'version', ''), count(*) FROM events"
+        " WHERE received_at >= make_timestamptz(? * 1000) GROUP BY 1, 2 ORDER BY 3 DESC LIMIT 20",
         [now_ms - period],
     )
     add(
@@ -534,7 +536,7 @@ def anomalies(inputs: Inputs, now_ms: int, z: float) -> list[dict[str, Any]]:
         "SELECT event, floor((epoch_ms(received_at) - ?) / 3600000.0)::BIGINT AS hour,"
         " count(*) FROM events"
         " WHERE type = 'track' AND received_at >= make_timestamptz(? * 1000)"
-        " AND received_at < make_timestamptz(? * 1000) GROUP BY ALL",
+        " AND received_at < make_timestamptz(? * 1000) GROUP BY 1, 2",
         [now_ms, now_ms - 7 * 24 * HOUR_MS, now_ms],
     )
     series: dict[str, dict[int, int]] = {}
