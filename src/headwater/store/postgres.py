@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import psycopg
 
@@ -64,6 +64,7 @@ _INSERT = (
     " ON CONFLICT (source, message_id) DO NOTHING"
 )
 _IDLE_READERS = 4
+T = TypeVar("T")
 
 
 class PostgresStore:
@@ -78,13 +79,28 @@ class PostgresStore:
         self._closed = False
 
     # -- connections -------------------------------------------------------------
-    def _reader(self) -> psycopg.Connection[tuple[Any, ...]]:
+    def _reader(self) -> tuple[psycopg.Connection[tuple[Any, ...]], bool]:
+        """A reading session, and whether it was idle in the pool."""
         with self._readers_lock:
             while self._readers:
                 conn = self._readers.pop()
                 if not conn.closed and not conn.broken:
-                    return conn
-        return pgschema.connect(self.dsn, self.schema)
+                    return conn, True
+        return pgschema.connect(self.dsn, self.schema), False
+
+    def _read(self, action: Callable[[psycopg.Connection[tuple[Any, ...]]], T]) -> T:
+        for attempt in range(2):
+            conn, pooled = self._reader()
+            try:
+                return action(conn)
+            except psycopg.OperationalError:
+                # An idle session the server has closed since (a restart, say): once
+                # more on a new one.  Anything else is the caller's to see.
+                if attempt or not pooled or not conn.broken:
+                    raise
+            finally:
+                self._release(conn)
+        raise AssertionError("unreachable")
 
     def _release(self, conn: psycopg.Connection[tuple[Any, ...]]) -> None:
         healthy = not conn.closed and not conn.broken
@@ -154,20 +170,18 @@ class PostgresStore:
             return set()
         sources = [source for source, _ in keys]
         ids = [message_id for _, message_id in keys]
-        conn = self._reader()
-        try:
-            rows = conn.execute(
+        rows = self._read(
+            lambda conn: conn.execute(
                 "SELECT e.source, e.message_id FROM events e"
                 " JOIN (SELECT DISTINCT * FROM unnest(%s::text[], %s::text[])) AS k(s, m)"
                 " ON e.source = k.s AND e.message_id = k.m",
                 [sources, ids],
             ).fetchall()
-        finally:
-            self._release(conn)
+        )
         return {DedupWindow.key(source, message_id) for source, message_id in rows}
 
     def recent_keys(self, since_ms: int) -> Iterator[tuple[str, str, int]]:
-        conn = self._reader()
+        conn, _ = self._reader()
         try:
             with conn.transaction(), conn.cursor(name="headwater_recent_keys") as cur:
                 cur.itersize = 50_000
@@ -182,18 +196,16 @@ class PostgresStore:
             self._release(conn)
 
     def query(self, sql: str, params: list[Any] | None = None) -> QueryResult:
-        conn = self._reader()
-        try:
+        text = (pgschema.placeholders(sql) if params else sql).encode()
+
+        def run(conn: psycopg.Connection[tuple[Any, ...]]) -> QueryResult:
             with conn.cursor() as cur:
-                if params:
-                    cur.execute(pgschema.placeholders(sql).encode(), params)
-                else:
-                    cur.execute(sql.encode())
+                cur.execute(text, params or None)
                 description = cur.description or []
                 rows = cur.fetchall() if description else []
             return QueryResult([d.name for d in description], rows)
-        finally:
-            self._release(conn)
+
+        return self._read(run)
 
     def counters(self) -> dict[str, int]:
         return {
