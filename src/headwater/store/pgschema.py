@@ -9,8 +9,9 @@ lock meanwhile, so nodes starting at once never race: the second waits, then
 finds the steps applied.  A schema migrated by a newer headwater is refused.
 
 Sessions run in UTC with the schema alone on the search path.  JSON comes back
-as the exact text stored; ``numeric`` results come back as ``int`` when
-integral and ``float`` otherwise, as DuckDB's sums and averages do.
+as the exact text stored; ``numeric`` results come back as ``int`` when they
+have no fractional part (sums of integers) and as ``float`` otherwise, as
+DuckDB's sums and averages do.
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ class SchemaError(Exception):
 
 
 class _Number(Loader):
-    """``numeric`` as ``int`` when integral, else ``float`` (DuckDB's sums and averages)."""
+    """``numeric`` as ``int`` without a fractional part, else ``float`` (as DuckDB's)."""
 
     def load(self, data: Any) -> int | float:
         text = bytes(data).decode()
