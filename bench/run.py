@@ -48,9 +48,9 @@ ROOT = BENCH.parent
 LUA = BENCH / "lua" / "post.lua"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 RESULTS = BENCH / "RESULTS.md"
-MARK_START = "<!-- bench/run.py results: start -->"
-MARK_END = "<!-- bench/run.py results: end -->"
+MARK = "<!-- bench/run.py results{}: {} -->"
 PHASES = ("main", "alternatives", "profile", "hotpath")
+EXTRA_PHASES = ("latency", "commits")  # on request only: they add a minute each
 
 
 def say(message: str) -> None:
@@ -255,6 +255,13 @@ class Host:
             self.stop()
             raise RuntimeError(f"{self.label} did not become ready in {timeout:.0f} s")
         time.sleep(0.3)  # every worker up, not just the first to answer
+        if self.app == "gateway-sharded":
+            shards = [
+                p for p in self.data_dir.glob("*-*.sqlite") if p.stem.split("-")[-1].isdigit()
+            ]
+            if len(shards) != self.workers:
+                self.stop()
+                raise RuntimeError(f"{self.label}: {len(shards)} log shards, not {self.workers}")
         table = process_table()
         self.tree = [self.proc.pid, *descendants(self.proc.pid, table)]
         self.cmdlines = {pid: table[pid][2] for pid in self.tree if pid in table}
@@ -418,6 +425,8 @@ def note_command(ctx: Context, name: str, argv: list[str], **names: str) -> None
             arg = "py-spy"
         elif arg == sys.executable:
             arg = "python"
+        elif os.path.isabs(arg) and shutil.which(os.path.basename(arg)) == arg:
+            arg = os.path.basename(arg)
         elif arg.startswith(str(BENCH)):
             arg = "bench" + arg[len(str(BENCH)) :]
         elif arg.startswith(str(ctx.out)):
@@ -667,6 +676,118 @@ def phase_profile(ctx: Context) -> dict[str, Any]:
     finally:
         hw.stop()
     return result
+
+
+LATENCY_VARIANTS = (
+    ("noop", 2),
+    ("gateway", 1),
+    ("gateway", 2),
+    ("gateway-sharded", 2),
+    ("headwater", 1),
+    ("headwater", 2),
+)
+
+
+def phase_latency(ctx: Context) -> list[dict[str, Any]]:
+    """Open-loop latency at one fixed rate for the gateway alone, sharded, and whole.
+
+    Which part of headwater puts the tail on an acknowledgement: the log (a lone
+    gateway), the workers' shared write lock (sharded or not), or the pipeline.
+    """
+    args = ctx.args
+    hosts = start_all(
+        [
+            Host(f"{app}-{workers}w", app, "uvicorn", workers, ctx)
+            for app, workers in LATENCY_VARIANTS
+        ]
+    )
+    rows: list[dict[str, Any]] = []
+    try:
+        for round_ in range(args.rounds):
+            for host in hosts:
+                for other in hosts:
+                    other.settle()
+                run = openloop(ctx, host, args.latency_rate, args.open_seconds)
+                rows.append({"round": round_, "app": host.app, "workers": host.workers, **run})
+        if ctx.py_spy is not None:
+            # Once more under a native profiler: what each worker's threads wait on.
+            for host in hosts:
+                if host.app == "noop":
+                    continue
+                host.settle()
+                spies = []
+                for number, worker in enumerate(host.worker_pids(), 1):
+                    path = ctx.out / f"profile-latency-{host.label}-worker{number}-native.txt"
+                    argv = [ctx.py_spy, "record", "-p", str(worker), "-d", "3", "-r", "100"]
+                    argv += ["--native", "--idle", "--threads", "-f", "raw", "-o", str(path)]
+                    note_command(ctx, "py-spy worker, waits", argv, **{str(worker): "WORKER_PID"})
+                    spy = subprocess.Popen(
+                        argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                    )
+                    spies.append((number, path, spy))
+                openloop(ctx, host, args.latency_rate, 4.0)
+                for number, path, spy in spies:
+                    spy.wait(60)
+                    if path.exists():
+                        label = f"{host.label}, worker {number}"
+                        rows.append({"profile": path.name, "label": label})
+    finally:
+        stop_all(hosts)
+    return rows
+
+
+def phase_commits(ctx: Context) -> list[dict[str, Any]]:
+    """Requests per SQLite commit under wrk load: fdatasync calls counted with strace."""
+    strace = shutil.which("strace")
+    if strace is None:
+        say("strace not found: the commits phase is skipped")
+        return []
+    args = ctx.args
+    rows: list[dict[str, Any]] = []
+    for app, mode in (("gateway", "track"), ("headwater", "track"), ("headwater", "batch")):
+        host = Host(f"{app}-commits", app, "uvicorn", args.workers, ctx).start()
+        try:
+            size = args.batch_size if mode == "batch" else 1
+            connections = args.batch_connections if mode == "batch" else args.connections
+            seconds = 3.0
+            load_argv = [ctx.wrk, "-t1", f"-c{connections}", f"-d{wrk_seconds(seconds + 2)}s"]
+            load_argv += ["-s", str(LUA), host.url, "--", mode, str(size), ctx.tag("c")]
+            names = {host.url: "http://127.0.0.1:PORT", load_argv[-1]: "TAG"}
+            note_command(ctx, f"wrk {mode}", load_argv, **names)
+            load = subprocess.Popen(load_argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            time.sleep(1.0)
+            traces = []
+            for pid in host.worker_pids():
+                argv = [strace, "-f", "-c", "-e", "trace=fdatasync,fsync", "-p", str(pid)]
+                note_command(ctx, "strace", argv, **{str(pid): "WORKER_PID"})
+                traces.append(subprocess.Popen(argv, stderr=subprocess.PIPE, text=True))
+            time.sleep(seconds)
+            for trace in traces:
+                trace.send_signal(signal.SIGINT)
+            syncs = 0
+            for trace in traces:
+                for line in trace.communicate(timeout=30)[1].splitlines():
+                    fields = line.split()
+                    if fields and fields[-1] in ("fdatasync", "fsync") and len(fields) >= 5:
+                        syncs += int(fields[3])
+            output = load.communicate(timeout=30)[0].decode(errors="replace")
+            lines = [line for line in output.splitlines() if line.startswith("RESULT ")]
+            result = json.loads(lines[-1][7:]) if lines else {"requests": 0, "duration_us": 1}
+            rate = result["requests"] / (result["duration_us"] / 1e6)
+            rows.append(
+                {
+                    "app": app,
+                    "mode": mode,
+                    "requests_per_s": rate,
+                    "commits_per_s": syncs / seconds,
+                    "requests_per_commit": rate / max(1e-9, syncs / seconds),
+                    "events_per_commit": rate * size / max(1e-9, syncs / seconds),
+                }
+            )
+            say(f"{app} {mode}: {rate:.0f} req/s, {syncs / seconds:.0f} commits/s")
+        finally:
+            host.stop()
+    return rows
 
 
 def phase_hotpath(ctx: Context) -> dict[str, Any]:
@@ -998,6 +1119,53 @@ def render(ctx: Context, results: dict[str, Any]) -> str:
                 f" max {row['max_ms']:.1f} ms per commit."
             )
         out.append("")
+    latency = results.get("latency")
+    if latency:
+        out.append(
+            f"Open-loop `/v1/track` at {_n(ctx.args.latency_rate)} req/s for each variant"
+            f" (uvicorn; {ctx.args.open_seconds:g} s per run, one line per round):"
+        )
+        out.append("")
+        out.append("| app | workers | round | p50 | p99 | p99.9 | achieved req/s |")
+        out.append("|---|---:|---:|---:|---:|---:|---:|")
+        for row in latency:
+            if "profile" in row:
+                continue
+            out.append(
+                f"| {row['app']} | {row['workers']} | {row['round'] + 1} | {_ms(row['p50_ms'])} |"
+                f" {_ms(row['p99_ms'])} | {_ms(row['p999_ms'])} | {_n(row['achieved_rate'])} |"
+            )
+        out.append("")
+    profiled = [row for row in latency or [] if "profile" in row]
+    if profiled:
+        from profile_summary import waits
+
+        out.append(
+            "What one worker's threads wait on at that rate (py-spy `--native --idle`, 3 s):"
+        )
+        out.append("")
+        for row in profiled:
+            out.append(f"`{row['label']}`:")
+            out.append("")
+            out.append("```")
+            out.append(waits(ctx.out / row["profile"]))
+            out.append("```")
+            out.append("")
+    commits = results.get("commits")
+    if commits:
+        out.append(
+            "Group commit under wrk load (fdatasync calls of the workers, counted by strace):"
+        )
+        out.append("")
+        out.append("| app | load | req/s | commits/s | requests per commit | events per commit |")
+        out.append("|---|---|---:|---:|---:|---:|")
+        for row in commits:
+            out.append(
+                f"| {row['app']} | {row['mode']} | {_n(row['requests_per_s'])} |"
+                f" {_n(row['commits_per_s'])} | {row['requests_per_commit']:.1f} |"
+                f" {row['events_per_commit']:.0f} |"
+            )
+        out.append("")
     if ctx.commands:
         out.append(
             "Commands, by phase (PORT, TAG, PIDs and the admin token are filled in per run):"
@@ -1009,13 +1177,19 @@ def render(ctx: Context, results: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def record(text: str) -> None:
-    """Put the generated section into bench/RESULTS.md, keeping the rest."""
+def record(text: str, phases: list[str]) -> None:
+    """Put the generated section into bench/RESULTS.md, keeping the rest.
+
+    A run of the default phases replaces the last such run's block; a run of
+    other phases has a block of its own, named after them.
+    """
+    name = "" if list(phases) == list(PHASES) else f" ({', '.join(phases)})"
+    start, end = MARK.format(name, "start"), MARK.format(name, "end")
     current = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    block = f"{MARK_START}\n{text.rstrip()}\n{MARK_END}"
-    if MARK_START in current and MARK_END in current:
-        head, _, rest = current.partition(MARK_START)
-        _, _, tail = rest.partition(MARK_END)
+    block = f"{start}\n{text.rstrip()}\n{end}"
+    if start in current and end in current:
+        head, _, rest = current.partition(start)
+        _, _, tail = rest.partition(end)
         current = head + block + tail
     else:
         current = current.rstrip() + "\n\n" + block + "\n"
@@ -1031,7 +1205,14 @@ def parse_args() -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--rev", help="benchmark this git revision instead of the working tree")
-    parser.add_argument("--phases", default=",".join(PHASES), help="comma-separated")
+    parser.add_argument(
+        "--phases",
+        default=",".join(PHASES),
+        help=f"comma-separated; also on request: {', '.join(EXTRA_PHASES)}",
+    )
+    parser.add_argument(
+        "--latency-rate", type=float, default=4000.0, help="latency phase, requests/s"
+    )
     parser.add_argument("--workers", type=int, default=2, help="gateway workers (main phase)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per load")
     parser.add_argument("--seconds", type=float, default=3.0, help="per wrk run")
@@ -1059,7 +1240,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:
     args = parse_args()
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
-    unknown = set(phases) - set(PHASES)
+    unknown = set(phases) - set(PHASES) - set(EXTRA_PHASES)
     if unknown:
         raise SystemExit(f"unknown phases: {', '.join(sorted(unknown))}")
     started = time.time()
@@ -1072,7 +1253,7 @@ def main() -> int:
         sys.path.insert(0, str(src))
         ctx = Context(args, tmp, out, src)
         ctx.wrk = ensure_wrk()
-        if "profile" in phases:
+        if "profile" in phases or "latency" in phases:
             ctx.py_spy = ensure_py_spy()
         say(f"benchmarking {source}; raw results in {out}")
         results: dict[str, Any] = {
@@ -1090,9 +1271,11 @@ def main() -> int:
             "alternatives": phase_alternatives,
             "profile": phase_profile,
             "hotpath": phase_hotpath,
+            "latency": phase_latency,
+            "commits": phase_commits,
         }
         durations: dict[str, float] = {}
-        for phase in PHASES:
+        for phase in PHASES + EXTRA_PHASES:
             if phase in phases:
                 begun = time.monotonic()
                 say(f"phase {phase}")
@@ -1109,7 +1292,7 @@ def main() -> int:
         (out / "results.md").write_text(text + "\n")
         print(text)
         if args.record:
-            record(text)
+            record(text, phases)
             say(f"recorded in {RESULTS.relative_to(ROOT)}")
     finally:
         if not args.keep:

@@ -11,9 +11,10 @@ the ones ``headwater serve`` runs with.  The application is either
   pipeline runs in the main process.  Compared with ``headwater serve`` this
   shows what the pipeline costs the gateway (its CPU, and its commits to the
   log, which take the same SQLite write lock).
-- ``gateway-sharded``: the same, but each worker appends to a log file of its
-  own (``log-PID.sqlite``), so the workers never wait for each other's write
-  lock.  An experiment, not a supported layout: nothing reads these logs.
+- ``gateway-sharded``: the same, but each worker's SQLite log writer opens a
+  file of its own (``log.sqlite`` becomes ``log-PID.sqlite``), so the workers
+  never wait for each other's write lock.  An experiment, not a supported
+  layout: nothing reads these logs.  ``run.py`` checks that the files exist.
 
     python bench/stack.py --app noop|gateway|gateway-sharded --data-dir DIR --workers 2
 
@@ -79,8 +80,18 @@ def worker(app_name: str, data_dir: str, sock: socket.socket) -> None:
     from headwater import serve
 
     if app_name == "gateway-sharded":
+        # At the writer class, however the gateway finds its log.
+        from headwater.log import sqlite as sqlite_log
+
         pid = os.getpid()
-        serve.log_path = lambda directory: directory / f"log-{pid}.sqlite"  # type: ignore[assignment]
+        open_writer = sqlite_log.SQLiteLogWriter.__init__
+
+        def sharded(self: Any, path: Path, *args: Any, **kwargs: Any) -> None:
+            path = Path(path)
+            own = path.with_name(f"{path.stem}-{pid}{path.suffix}")
+            open_writer(self, own, *args, **kwargs)
+
+        sqlite_log.SQLiteLogWriter.__init__ = sharded  # type: ignore[method-assign]
     if app_name == "noop":
         from headwater.gateway import app, committer
 
