@@ -62,8 +62,20 @@ class LimitSettings(msgspec.Struct, forbid_unknown_fields=True):
 
 class LogSettings(msgspec.Struct, forbid_unknown_fields=True):
     backend: str = "sqlite"
-    # Log records older than this, and read by every consumer, are pruned.
+    # Log records older than this, and read by every consumer, are pruned
+    # (with Kafka: the retention.ms of the topics headwater creates).
     retention_hours: int = 168
+    # backend = "kafka": the brokers, "host:port,host:port" (see docs/scale-out.md).
+    kafka_bootstrap_servers: str = ""
+    # Topics <prefix>.raw and <prefix>.processed; groups <prefix>-pipeline, <prefix>-dest-<name>.
+    kafka_topic_prefix: str = "headwater"
+    # For the topics headwater creates when they are missing.
+    kafka_partitions: int = 12
+    kafka_replication_factor: int = 3
+    # How long a gateway waits for the brokers to acknowledge a group before answering 503.
+    kafka_append_timeout_ms: int = 10_000
+    # Further librdkafka settings for every client, for example TLS and SASL.
+    kafka_client_config: dict[str, str | int | float | bool] = msgspec.field(default_factory=dict)
 
 
 class StoreSettings(msgspec.Struct, forbid_unknown_fields=True):
@@ -106,7 +118,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True):
 
 
 _SECTIONS = ("server", "console", "limits", "log", "store", "pipeline", "report")
-_BACKENDS = {"log.backend": ("sqlite",), "store.backend": ("duckdb", "postgres")}
+_BACKENDS = {"log.backend": ("sqlite", "kafka"), "store.backend": ("duckdb", "postgres")}
 
 
 def resolve_data_dir(explicit: str | None = None) -> Path:
@@ -187,6 +199,8 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("pipeline.dedup_window_hours: must be at least 24")
     if settings.store.backend == "postgres":
         _validate_postgres(settings.store)
+    if settings.log.backend == "kafka":
+        _validate_kafka(settings.log)
     names: set[str] = set()
     keys: set[str] = set()
     for index, source in enumerate(settings.sources):
@@ -203,6 +217,28 @@ def _validate(settings: Settings) -> None:
                 f"destinations[{index}].name: empty or repeated ({destination.name!r})"
             )
         destinations.add(destination.name)
+
+
+def _validate_kafka(log: LogSettings) -> None:
+    servers = [part.strip() for part in log.kafka_bootstrap_servers.split(",") if part.strip()]
+    if not servers:
+        raise ConfigError('log.kafka_bootstrap_servers: required with log.backend = "kafka"')
+    for server in servers:
+        host, _, port = server.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"log.kafka_bootstrap_servers: {server!r} is not host:port")
+    prefix = log.kafka_topic_prefix
+    if (
+        not prefix
+        or len(prefix) > 200
+        or not all(c.isascii() and (c.isalnum() or c in "._-") for c in prefix)
+    ):
+        raise ConfigError(
+            f"log.kafka_topic_prefix: {prefix!r} must be 1-200 letters, digits, '.', '_' or '-'"
+        )
+    for name in ("kafka_partitions", "kafka_replication_factor", "kafka_append_timeout_ms"):
+        if getattr(log, name) < 1:
+            raise ConfigError(f"log.{name}: must be positive, got {getattr(log, name)}")
 
 
 def _validate_postgres(store: StoreSettings) -> None:
