@@ -922,7 +922,7 @@ def target_rows(main: dict[str, Any]) -> list[dict[str, str]]:
 def render(ctx: Context, results: dict[str, Any]) -> str:
     out: list[str] = []
     meta = results["meta"]
-    out.append(f"### Run of {meta['date']}: {meta['source']}")
+    out.append(f"#### Run of {meta['date']}: {meta['source']}")
     out.append("")
     out.append(f"- command: `{meta['command']}`")
     out.append(
