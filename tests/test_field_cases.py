@@ -573,7 +573,7 @@ def test_gzip_multi_member_chunked_and_padded(hw: RunningServer) -> None:
     assert_ok(response)
     assert one(hw, "gz-chunked")["event"] == "Kind"
     unsupported = hw.post("/v1/batch", content=data, headers={"Content-Encoding": "br"})
-    assert_refused(unsupported, "Content-Encoding", "gzip", status=415)
+    assert_refused(unsupported, "Content-Encoding", "gzip")
 
 
 def test_gzip_bomb_is_refused_quickly(hw: RunningServer) -> None:

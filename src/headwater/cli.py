@@ -128,7 +128,14 @@ def cmd_send(args: argparse.Namespace) -> int:
         message["name"] = args.name
     if args.properties:
         key = "traits" if args.type in ("identify", "group") else "properties"
-        message[key] = json.loads(args.properties)
+        try:
+            message[key] = json.loads(args.properties)
+        except ValueError as exc:
+            print(f"--properties: not JSON ({exc})", file=sys.stderr)
+            return 2
+        if not isinstance(message[key], dict):
+            print("--properties: a JSON object is required", file=sys.stderr)
+            return 2
     url = f"{_server_url(args, settings)}/v1/{args.type}"
     try:
         response = httpx.post(url, json=message, auth=(write_key, ""), timeout=10.0)
@@ -153,7 +160,7 @@ def _run_query(data_dir: Path, sql: str) -> QueryResult:
         raise RuntimeError(f"{missing}; start `headwater serve` first")
     store = backends.open_store(settings, data_dir, read_only=True)
     try:
-        return store.query(sql)
+        return store.query(sql, read_only=True)
     finally:
         store.close()
 

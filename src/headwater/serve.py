@@ -26,10 +26,13 @@ from headwater import backends, config, destinations
 from headwater.console.alerts import AlertLoop
 from headwater.console.server import Console, ConsoleServer
 from headwater.destinations.delivery import DeliveryWorker
+from headwater.log.base import Record
+from headwater.log.rejections import Rejected
 from headwater.metrics import report
 from headwater.pipeline.runner import Pipeline
 
 log = logging.getLogger("headwater.serve")
+SHUTDOWN_GRACE_S = 12.0
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -84,6 +87,11 @@ def _stop_with_parent(server: Any, parent: int) -> None:
         time.sleep(0.5)
     log.error("serve process %s is gone; gateway worker stopping", parent)
     server.should_exit = True
+    # Nothing unacknowledged is at stake (a 200 follows the durable append), so a
+    # shutdown that hangs is cut short rather than left holding the port.
+    time.sleep(SHUTDOWN_GRACE_S)
+    log.error("gateway worker did not stop within %s s; exiting", SHUTDOWN_GRACE_S)
+    os._exit(1)
 
 
 class Server:
@@ -110,18 +118,30 @@ class Server:
         return proc
 
     def run(self) -> int:
-        sock = bind(self.host, self.port)
+        try:
+            sock = bind(self.host, self.port)
+        except OSError as exc:
+            raise config.ConfigError(
+                f"server.port: cannot listen on {self.host}:{self.port} ({exc.strerror})"
+            ) from None
         self.port = sock.getsockname()[1]
         store = backends.open_store(self.settings, self.data_dir)
         consumer = backends.open_raw_consumer(self.settings, self.data_dir, store)
         processed = backends.open_processed_writer(self.settings, self.data_dir)
-        pipeline = Pipeline(self.settings, consumer, store, processed)
+        pipeline = Pipeline(self.settings, consumer, store, processed, quarantine=self._quarantine)
         delivery_stop = threading.Event()
         workers = start_deliveries(self.data_dir, self.settings, delivery_stop)
         console = Console(self.data_dir, self.settings, store, pipeline, workers)
         console.public_port = self.port
         console_settings = self.settings.console
-        admin = ConsoleServer(console, console_settings.host, console_settings.port)
+        try:
+            admin = ConsoleServer(console, console_settings.host, console_settings.port)
+        except OSError as exc:
+            sock.close()
+            raise config.ConfigError(
+                f"console.port: cannot listen on {console_settings.host}:"
+                f"{console_settings.port} ({exc.strerror})"
+            ) from None
         alerts = AlertLoop(
             lambda: report.anomalies(
                 console.report_inputs(), _now_ms(), self.settings.report.anomaly_z
@@ -180,6 +200,27 @@ class Server:
             store.close()
         print("headwater stopped", file=sys.stderr, flush=True)
         return 0
+
+    def _quarantine(self, record: Record, error: str) -> None:
+        """Keep a log record the store refused, with the error, where refusals are kept."""
+        rejections = backends.rejection_log(self.settings, self.data_dir)
+        try:
+            rejections.record(
+                [
+                    Rejected(
+                        record.received_ms,
+                        record.source,
+                        "pipeline",
+                        500,
+                        "pipeline_error",
+                        "",
+                        error,
+                        record.payload,
+                    )
+                ]
+            )
+        finally:
+            rejections.close()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.stop.set()

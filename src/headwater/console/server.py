@@ -111,7 +111,7 @@ class Console:
 
     def query(self, sql: str) -> dict[str, Any]:
         try:
-            result = self.store.query(sql)
+            result = self.store.query(sql, read_only=True)
         except Exception as exc:
             raise ApiError(400, str(exc)) from None
         return {"columns": result.columns, "rows": result.rows}
@@ -123,7 +123,10 @@ class Console:
     def insight(self, kind: str, params: dict[str, str]) -> dict[str, Any]:
         try:
             window = insights.Window.parse(
-                params.get("since"), params.get("until"), now_ms(), int(params.get("days", "7"))
+                params.get("since"),
+                params.get("until"),
+                now_ms(),
+                _int_param(params, "days", 7, 1, 3650),
             )
             if kind == "counts":
                 return insights.counts(
@@ -141,7 +144,10 @@ class Console:
             if kind == "funnel":
                 steps = [s for s in params.get("steps", "").split(",") if s]
                 return insights.funnel(
-                    self._query, window, steps, int(params.get("within_seconds", "86400"))
+                    self._query,
+                    window,
+                    steps,
+                    _int_param(params, "within_seconds", 86400, 1, 366 * 86400),
                 )
             if kind == "retention":
                 return insights.retention(
@@ -150,7 +156,7 @@ class Console:
                     params.get("start_event") or None,
                     params.get("return_event") or None,
                     params.get("bucket", "week"),
-                    int(params.get("periods", "8")),
+                    _int_param(params, "periods", 8, 1, 52),
                 )
         except (insights.InsightError, ValueError) as exc:
             raise ApiError(400, str(exc)) from None
@@ -385,6 +391,8 @@ class ConsoleServer:
 def _handler(console: Console) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # Idle or trickling connections are dropped instead of holding a thread.
+        timeout = 60
 
         def log_message(self, format: str, *args: Any) -> None:
             return
@@ -415,12 +423,17 @@ def _handler(console: Console) -> type[BaseHTTPRequestHandler]:
                 cookie = SimpleCookie(self.headers.get("Cookie", ""))
                 if COOKIE in cookie:
                     presented = cookie[COOKIE].value
-            return bool(presented) and hmac.compare_digest(presented, console.token)
+            return bool(presented) and _same_token(presented, console.token)
 
         def _body(self) -> bytes:
-            length = int(self.headers.get("Content-Length", "0") or "0")
-            if length > 1_000_000:
-                raise ApiError(413, "body too large")
+            length = _int_param(
+                {"n": self.headers.get("Content-Length", "0") or "0"},
+                "n",
+                0,
+                0,
+                1_000_000,
+                "Content-Length",
+            )
             return self.rfile.read(length) if length else b""
 
         def _json_body(self) -> dict[str, Any]:
@@ -442,7 +455,7 @@ def _handler(console: Console) -> type[BaseHTTPRequestHandler]:
                     return
                 if method == "POST" and path == "/api/login":
                     token = str(self._json_body().get("token", ""))
-                    if not hmac.compare_digest(token, console.token):
+                    if not _same_token(token, console.token):
                         raise ApiError(401, "token: not the admin token")
                     cookie = f"{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/"
                     self._json(200, {"ok": True}, {"Set-Cookie": cookie})
@@ -455,12 +468,16 @@ def _handler(console: Console) -> type[BaseHTTPRequestHandler]:
                     raise ApiError(401, "admin token required")
                 self._route(method, path, params)
             except ApiError as exc:
+                self.close_connection = True  # an unread body must not become a request
                 self._json(exc.status, {"error": str(exc)})
             except BrokenPipeError:
                 return
             except Exception as exc:
                 log.exception("console request failed")
-                self._json(500, {"error": f"{type(exc).__name__}: {exc}"})
+                self.close_connection = True
+                self._json(
+                    500, {"error": f"internal error ({type(exc).__name__}); see the server log"}
+                )
 
         def _route(self, method: str, path: str, params: dict[str, str]) -> None:
             parts = [unquote(p) for p in path.strip("/").split("/")]
@@ -468,7 +485,7 @@ def _handler(console: Console) -> type[BaseHTTPRequestHandler]:
                 if path in ("/status", "/api/status"):
                     self._json(200, console.status())
                 elif path in ("/tail", "/api/tail"):
-                    self._json(200, console.tail(int(params.get("after", "0"))))
+                    self._json(200, console.tail(_int_param(params, "after", 0, 0, 2**62)))
                 elif path == "/api/live":
                     self._live(params)
                 elif parts[:2] == ["api", "insights"] and len(parts) == 3:
@@ -519,6 +536,8 @@ def _handler(console: Console) -> type[BaseHTTPRequestHandler]:
 
         def _live(self, params: dict[str, str]) -> None:
             """Server-sent events until the client leaves; memory is the tail's cap."""
+            after = _int_param(params, "after", 0, 0, 2**62)
+            backlog = _int_param(params, "backlog", 50, 0, 1000)
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-store")
@@ -526,12 +545,11 @@ def _handler(console: Console) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.close_connection = True
             wanted = {k: params[k] for k in ("source", "type", "event", "user") if params.get(k)}
-            after = int(params.get("after", "0"))
             recent = console.pipeline.tail.after(0)
             if not after and recent:
-                after = max(0, recent[-1]["seq"] - int(params.get("backlog", "50")))
+                after = max(0, recent[-1]["seq"] - backlog)
             rejections = backends.rejection_log(console.settings, console.data_dir)
-            last_rejection = max(0, rejections.latest_id() - int(params.get("backlog", "50")))
+            last_rejection = max(0, rejections.latest_id() - backlog)
             idle = 0.0
             try:
                 while True:
@@ -562,6 +580,18 @@ def _handler(console: Console) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(f"event: {kind}\ndata: {data}\n\n".encode())
             self.wfile.flush()
 
+        def do_PUT(self) -> None:
+            self._dispatch("PUT")
+
+        def do_DELETE(self) -> None:
+            self._dispatch("DELETE")
+
+        def do_PATCH(self) -> None:
+            self._dispatch("PATCH")
+
+        def do_OPTIONS(self) -> None:
+            self._dispatch("OPTIONS")
+
         def do_GET(self) -> None:
             self._dispatch("GET")
 
@@ -590,3 +620,24 @@ def _rejection_wanted(rejected: dict[str, Any], wanted: dict[str, str]) -> bool:
     if wanted.keys() - {"source"}:
         return False
     return bool(rejected["source"] == wanted.get("source", rejected["source"]))
+
+
+def _same_token(presented: str, token: str) -> bool:
+    """Constant-time comparison that also takes non-ASCII input."""
+    return hmac.compare_digest(presented.encode("utf-8", "replace"), token.encode())
+
+
+def _int_param(
+    params: dict[str, str], name: str, default: int, low: int, high: int, label: str | None = None
+) -> int:
+    """An integer parameter within bounds; a 400 naming it otherwise."""
+    raw = params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(400, f"{label or name}: an integer is required") from None
+    if not low <= value <= high:
+        raise ApiError(400, f"{label or name}: must be between {low} and {high}")
+    return value

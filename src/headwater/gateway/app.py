@@ -27,7 +27,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlsplit
 
 import msgspec
 
@@ -153,7 +153,10 @@ class Gateway:
                 return
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = {k: v for k, v in scope["headers"]}
+        headers: dict[bytes, bytes] = {}
+        for name, value in scope["headers"]:
+            # A repeated header is one comma-separated list (RFC 9110 5.3).
+            headers[name] = headers[name] + b", " + value if name in headers else value
         origin = headers.get(b"origin")
         method = scope["method"]
         path: str = scope["path"]
@@ -170,7 +173,9 @@ class Gateway:
                 elif path in BATCH_PATHS:
                     await self._ingest(scope, receive, headers, None)
                 elif path == "/v1/m":
-                    body = await bodies.read(receive, self.limits.max_request_bytes, self.budget)
+                    body = await bodies.read(
+                        receive, self.limits.max_request_bytes, self.budget, _declared(headers)
+                    )
                     self.budget.give(len(body))
                 else:
                     raise Rejection("not_found", "path", f"no endpoint at POST {path}", 404)
@@ -232,19 +237,23 @@ class Gateway:
         elif path.startswith("/pixel/v1/") and path[10:] in ("track", "page"):
             await self._pixel(scope, headers, path[10:])
             await _respond(send, 200, GIF, [(b"content-type", b"image/gif"), *cors])
-        elif path.endswith("/settings") and path.startswith(("/v1/projects/", "/projects/")):
-            write_key = path.split("/")[-2]
+        elif _settings_key(path) is not None:
+            write_key = _settings_key(path) or ""
             if write_key not in self.keys:
                 raise Rejection("invalid_write_key", "writeKey", "unknown write key", 404)
-            host = headers.get(b"host", b"127.0.0.1").decode("latin-1")
-            scheme = "https" if scope.get("scheme") == "https" else "http"
+            host, scheme = self._public_host(scope, headers)
             settings = {
                 "integrations": {
                     "Segment.io": {"apiKey": write_key, "apiHost": f"{host}/v1", "protocol": scheme}
                 },
                 "metrics": {"sampleRate": 0},
             }
-            await _respond(send, 200, _encode(settings), JSON_HEADERS + cors)
+            await _respond(
+                send,
+                200,
+                _encode(settings),
+                [*JSON_HEADERS, (b"cache-control", b"no-store"), *cors],
+            )
         elif path == "/sourceConfig":
             query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
             write_key = _basic_key(headers) or query.get("writeKey", "")
@@ -264,6 +273,15 @@ class Gateway:
             await _respond(send, 200, _encode(config_body), JSON_HEADERS + cors)
         else:
             raise Rejection("not_found", "path", f"no endpoint at GET {path}", 404)
+
+    def _public_host(self, scope: Scope, headers: dict[bytes, bytes]) -> tuple[str, str]:
+        """The host and scheme SDKs should call: ``console.public_url`` when set."""
+        public = self.settings.console.public_url
+        if public:
+            url = urlsplit(public)
+            return url.netloc, url.scheme or "https"
+        host = headers.get(b"host", b"127.0.0.1").decode("latin-1").split(",")[0].strip()
+        return host, "https" if scope.get("scheme") == "https" else "http"
 
     def _source(self, headers: dict[bytes, bytes], body_key: Any, query: bytes) -> config.Source:
         write_key = _basic_key(headers)
@@ -305,7 +323,7 @@ class Gateway:
         self, scope: Scope, receive: Receive, headers: dict[bytes, bytes], path_type: str | None
     ) -> None:
         limits = self.limits
-        raw = await bodies.read(receive, limits.max_request_bytes, self.budget)
+        raw = await bodies.read(receive, limits.max_request_bytes, self.budget, _declared(headers))
         try:
             scope["headwater.body"] = raw
             await self._decode_and_accept(scope, headers, path_type, raw)
@@ -372,12 +390,21 @@ class Gateway:
             messages = [document]
             stamp = Stamp(format_ms(received_ms), ip, None, None, None, limits.max_message_id_chars)
             prefix = ""
-        check_size = size > limits.max_message_bytes
+        # Envelope context and integrations are merged into every message, so a
+        # message is measured as it will be stored.
+        check_size = size > limits.max_message_bytes or bool(stamp.context or stamp.integrations)
         for index, message in enumerate(messages):
             where = prefix.format(index) if prefix else ""
             if check_size and isinstance(message, dict):
                 measured = dict(message)
                 measured.pop("writeKey", None)
+                for key, shared in (
+                    ("context", stamp.context),
+                    ("integrations", stamp.integrations),
+                ):
+                    own = measured.get(key)
+                    if shared and (own is None or isinstance(own, dict)):
+                        measured[key] = {**shared, **(own or {})}
                 length = len(_encode(measured))
                 if length > limits.max_message_bytes:
                     raise Rejection(
@@ -432,6 +459,24 @@ def _address(hop: str) -> str | None:
     except ValueError:
         return None
     return hop
+
+
+def _declared(headers: dict[bytes, bytes]) -> int | None:
+    """The Content-Length, when given and sane."""
+    try:
+        return int(headers.get(b"content-length", b"").split(b",")[0])
+    except ValueError:
+        return None
+
+
+def _settings_key(path: str) -> str | None:
+    """The write key of ``/v1/projects/{key}/settings`` (or ``/projects/...``)."""
+    parts = path.split("/")
+    if parts[1:2] == ["v1"]:
+        parts = parts[1:]
+    if len(parts) == 4 and parts[1] == "projects" and parts[3] == "settings" and parts[2]:
+        return parts[2]
+    return None
 
 
 def _basic_key(headers: dict[bytes, bytes]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import zlib
@@ -38,17 +39,32 @@ class Budget:
         self.used -= size
 
 
-async def read(receive: Receive, limit: int, budget: Budget | None = None) -> bytes:
+BODY_TIMEOUT_S = 30.0
+
+
+async def read(
+    receive: Receive, limit: int, budget: Budget | None = None, declared: int | None = None
+) -> bytes:
     """The whole body, chunked or not; refuse it once it passes ``limit`` bytes.
 
     With a budget, the bytes read are taken from it; the caller gives them
     back (``len`` of the result) once done with the body.
     """
+    if declared is not None and declared > limit:
+        raise too_large(limit)
     chunks: list[bytes] = []
     size = 0
     try:
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), BODY_TIMEOUT_S)
+            except TimeoutError:
+                raise Rejection(
+                    "request_timeout",
+                    "body",
+                    f"the body did not arrive within {BODY_TIMEOUT_S:g} s",
+                    408,
+                ) from None
             if message["type"] == "http.disconnect":
                 raise Rejection("client_disconnected", "", "the client went away", status=400)
             chunk = message.get("body", b"")
@@ -83,16 +99,18 @@ def decompress(body: bytes, encoding: str, limit: int) -> bytes:
     A gzip body may hold several members (RFC 1952) and zero padding after
     them; any other byte after the end of the stream is corruption.
     """
-    encoding = encoding.strip().lower()
-    if encoding in ("", "identity"):
+    codings = [c.strip().lower() for c in encoding.split(",")]
+    codings = [c for c in codings if c not in ("", "identity")]
+    if not codings:
         return body
-    if encoding not in ("gzip", "x-gzip", "deflate"):
+    if len(codings) > 1 or codings[0] not in ("gzip", "x-gzip", "deflate"):
+        # 400, not 415: every SDK drops a 400, older ones retry anything else.
         raise Rejection(
             "unsupported_encoding",
             "Content-Encoding",
-            f"Content-Encoding {encoding!r} is not supported (use gzip or none)",
-            status=415,
+            f"Content-Encoding {encoding!r} is not supported (use one gzip, deflate or none)",
         )
+    encoding = codings[0]
     wbits = 16 + zlib.MAX_WBITS if encoding != "deflate" else zlib.MAX_WBITS
     parts: list[bytes] = []
     size = 0
@@ -156,6 +174,9 @@ def parse_json(body: bytes) -> Any:
         return _decode(body)
     except msgspec.DecodeError as exc:
         text = str(exc)
+        repaired = _with_lone_surrogates(body)
+        if repaired is not None:
+            return repaired
         if "out of range" in text:
             raise Rejection(
                 "invalid_json",
@@ -165,6 +186,41 @@ def parse_json(body: bytes) -> Any:
         raise Rejection("invalid_json", "body", f"invalid JSON: {text}") from None
     except RecursionError:
         raise Rejection("invalid_json", "body", "JSON nested too deeply") from None
+
+
+def _with_lone_surrogates(body: bytes) -> Any:
+    """Parse JSON whose only fault is a lone UTF-16 surrogate escape (``\\ud800``).
+
+    Browsers produce these when a string is cut inside an emoji; the lone half
+    becomes U+FFFD instead of costing the whole batch.  None for anything else.
+    """
+    if b"\\u" not in body:
+        return None
+
+    def refuse(value: str) -> Any:
+        raise ValueError(value)
+
+    def exact_float(value: str) -> float:
+        number = float(value)
+        if math.isinf(number):
+            raise ValueError(value)
+        return number
+
+    try:
+        tree = json.loads(body, parse_constant=refuse, parse_float=exact_float)
+    except (ValueError, RecursionError):
+        return None
+    return _replace_surrogates(tree)
+
+
+def _replace_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, dict):
+        return {_replace_surrogates(k): _replace_surrogates(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_replace_surrogates(v) for v in value]
+    return value
 
 
 def _out_of_range_path(body: bytes) -> str | None:

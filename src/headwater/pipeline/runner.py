@@ -10,9 +10,12 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
+import duckdb
 import msgspec
+import pyarrow as pa
 
 from headwater.config import Settings
 from headwater.log.base import ProcessedWriter, RawConsumer, Record
@@ -24,6 +27,8 @@ from headwater.store.base import EVENT_COLUMNS, EventStore
 log = logging.getLogger("headwater.pipeline")
 
 CONSUMER = "store"
+# Failed batches in a row before records are processed one at a time.
+ISOLATE_AFTER = 3
 HOUR_MS = 3_600_000
 _decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
@@ -85,8 +90,12 @@ class Pipeline:
         store: EventStore,
         processed: ProcessedWriter,
         tail: Tail | None = None,
+        quarantine: Callable[[Record, str], None] | None = None,
     ) -> None:
         self.settings = settings
+        self.quarantine = quarantine
+        self.failures = 0
+        self.last_error = ""
         self.consumer = consumer
         self.store = store
         self.processed = processed
@@ -95,9 +104,9 @@ class Pipeline:
         self.dedup.load(store.recent_keys(_now_ms() - self.dedup.window_ms))
         self.future_ms = settings.limits.future_tolerance_seconds * 1000
 
-    def step(self) -> int:
+    def step(self, max_events: int | None = None) -> int:
         """Process one batch of log records; return how many messages were read."""
-        records = self.consumer.poll(self.settings.pipeline.batch_max_events)
+        records = self.consumer.poll(max_events or self.settings.pipeline.batch_max_events)
         if not records:
             return 0
         decoded = [(record, _decode(record.payload)) for record in records]
@@ -168,10 +177,10 @@ class Pipeline:
         append("type").append(msg["type"])
         append("event").append(_str(msg.get("event")))
         append("name").append(_str(msg.get("name")))
-        append("user_id").append(msg.get("userId"))
-        append("anonymous_id").append(msg.get("anonymousId"))
-        append("group_id").append(msg.get("groupId"))
-        append("previous_id").append(msg.get("previousId"))
+        append("user_id").append(_str(msg.get("userId")))
+        append("anonymous_id").append(_str(msg.get("anonymousId")))
+        append("group_id").append(_str(msg.get("groupId")))
+        append("previous_id").append(_str(msg.get("previousId")))
         append("timestamp").append(times.timestamp)
         append("original_timestamp").append(times.original)
         append("sent_at").append(times.sent)
@@ -218,7 +227,8 @@ class Pipeline:
         retention_ms = self.settings.log.retention_hours * HOUR_MS
         while not stop.is_set():
             try:
-                read = self.step()
+                read = self.step(1 if self.failures >= ISOLATE_AFTER else None)
+                self.failures = 0
                 now = time.monotonic()
                 if now - last_prune > 60:
                     last_prune = now
@@ -227,12 +237,43 @@ class Pipeline:
                     pruned += self.processed.prune(_now_ms() - retention_ms)
                     if pruned:
                         log.info("pruned %d log records", pruned)
-            except Exception:
-                log.exception("pipeline step failed; retrying")
-                stop.wait(1.0)
+            except Exception as exc:
+                self.failures += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("pipeline step failed (%d in a row); retrying", self.failures)
+                if self.failures > ISOLATE_AFTER and is_data_error(exc):
+                    try:
+                        if self._set_aside(self.last_error):
+                            self.failures = 0
+                            continue
+                    except Exception:
+                        log.exception("could not set the failing record aside")
+                stop.wait(min(5.0, 0.2 * self.failures))
                 continue
             if not read:
                 stop.wait(idle)
+
+    def _set_aside(self, error: str) -> bool:
+        """Move the one record that keeps failing out of the way, keeping it.
+
+        Reached only after the batch failed, then the record failed alone: a
+        record the store cannot take must not stop every event behind it.
+        """
+        if self.quarantine is None:
+            return False
+        records = self.consumer.poll(1)
+        if not records:
+            return False
+        self.quarantine(records[0], error)
+        self.consumer.commit(records[:1])
+        self.store.write(
+            {name: [] for name, _ in EVENT_COLUMNS},
+            CONSUMER,
+            records[0].offset,
+            {"quarantined": records[0].count},
+        )
+        log.error("log record %s set aside after repeated failures: %s", records[0].offset, error)
+        return True
 
     def lag(self) -> dict[str, int]:
         return self.consumer.lag()
@@ -247,6 +288,34 @@ def freshness_bucket(seconds: float) -> str:
         if seconds <= bound:
             return f"freshness_le_{bound:g}s"
     return "freshness_le_inf"
+
+
+def is_data_error(exc: BaseException) -> bool:
+    """An error caused by a record's content, not by the disk or a server.
+
+    Only these lead to a record being set aside; a full disk or a lost
+    connection is waited out, since every record would fail the same way.
+    """
+    if isinstance(exc, OSError | MemoryError):
+        return False
+    if isinstance(exc, duckdb.Error):
+        return isinstance(
+            exc,
+            duckdb.ConversionException
+            | duckdb.InvalidInputException
+            | duckdb.ConstraintException
+            | duckdb.OutOfRangeException,
+        )
+    return isinstance(
+        exc,
+        TypeError
+        | ValueError
+        | KeyError
+        | IndexError
+        | AttributeError
+        | pa.ArrowException
+        | msgspec.DecodeError,
+    )
 
 
 def _time(value: Any) -> int | None:

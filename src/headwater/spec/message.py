@@ -79,7 +79,7 @@ def normalize(msg: Any, path_type: str | None, stamp: Stamp, where: str = "") ->
     if path_type is not None:
         msg["type"] = path_type
     kind = msg.get("type")
-    if kind not in TYPES:
+    if not isinstance(kind, str) or kind not in TYPES:
         if kind is None:
             raise Rejection("missing_field", f"{where}type", "type is required")
         raise Rejection(
@@ -88,10 +88,14 @@ def normalize(msg: Any, path_type: str | None, stamp: Stamp, where: str = "") ->
 
     user_id = _identifier(msg, "userId", where)
     anonymous_id = _identifier(msg, "anonymousId", where)
+    # Every id field is a string (or absent) whatever the type, so no event
+    # can carry an object where the store and destinations expect an id.
+    previous_id = _identifier(msg, "previousId", where)
+    group_id = _identifier(msg, "groupId", where)
     if kind == "alias":
         if user_id is None:
             raise Rejection("missing_field", f"{where}userId", "alias requires userId")
-        if _identifier(msg, "previousId", where) is None:
+        if previous_id is None:
             raise Rejection("missing_field", f"{where}previousId", "alias requires previousId")
     elif user_id is None and anonymous_id is None:
         raise Rejection(
@@ -103,7 +107,7 @@ def normalize(msg: Any, path_type: str | None, stamp: Stamp, where: str = "") ->
         event = msg.get("event")
         if not isinstance(event, str) or not event.strip():
             raise Rejection("missing_field", f"{where}event", "track requires a non-empty event")
-    elif kind == "group" and _identifier(msg, "groupId", where) is None:
+    elif kind == "group" and group_id is None:
         raise Rejection("missing_field", f"{where}groupId", "group requires groupId")
 
     for key in OBJECT_FIELDS:
@@ -114,7 +118,7 @@ def normalize(msg: Any, path_type: str | None, stamp: Stamp, where: str = "") ->
             del msg[key]
         elif not isinstance(value, dict):
             raise Rejection("invalid_field", f"{where}{key}", f"{key} must be an object")
-    for key in ("name", "category"):
+    for key in ("name", "category", "event"):
         value = msg.get(key)
         if value is not None and not isinstance(value, str):
             raise Rejection("invalid_field", f"{where}{key}", f"{key} must be a string")
@@ -131,19 +135,19 @@ def normalize(msg: Any, path_type: str | None, stamp: Stamp, where: str = "") ->
             )
 
     message_id = msg.get("messageId")
-    if message_id is None or message_id == "":
+    if isinstance(message_id, int) and not isinstance(message_id, bool):
+        message_id = msg["messageId"] = str(message_id)
+    if message_id is None or (isinstance(message_id, str) and not message_id.strip()):
+        # Blank counts as missing: two events must never share an empty id.
         msg["messageId"] = str(uuid.uuid4())
-    elif isinstance(message_id, str):
-        if len(message_id) > stamp.max_message_id:
-            raise Rejection(
-                "invalid_field",
-                f"{where}messageId",
-                f"messageId is longer than {stamp.max_message_id} characters",
-            )
-    elif isinstance(message_id, int) and not isinstance(message_id, bool):
-        msg["messageId"] = str(message_id)
-    else:
+    elif not isinstance(message_id, str):
         raise Rejection("invalid_field", f"{where}messageId", "messageId must be a string")
+    elif len(message_id) > stamp.max_message_id:
+        raise Rejection(
+            "invalid_field",
+            f"{where}messageId",
+            f"messageId is longer than {stamp.max_message_id} characters",
+        )
 
     msg.pop("writeKey", None)
     msg["receivedAt"] = stamp.received_at

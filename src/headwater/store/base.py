@@ -70,7 +70,10 @@ class EventStore(Protocol):
     def recent_keys(self, since_ms: int) -> Iterator[tuple[str, str, int]]:
         """(source, message_id, received_ms) of events received since the given time."""
 
-    def query(self, sql: str, params: list[Any] | None = None) -> QueryResult: ...
+    def query(
+        self, sql: str, params: list[Any] | None = None, read_only: bool = False
+    ) -> QueryResult:
+        """Run SQL; ``read_only`` (what operators' ad-hoc queries get) changes nothing."""
 
     def counters(self) -> dict[str, int]: ...
 

@@ -115,16 +115,24 @@ class DuckDBStore:
                 yield source, message_id, int(received)
         cursor.close()
 
-    def query(self, sql: str, params: list[Any] | None = None) -> QueryResult:
+    def query(
+        self, sql: str, params: list[Any] | None = None, read_only: bool = False
+    ) -> QueryResult:
+        """Run SQL (the last statement's rows); ``read_only`` rolls everything back after."""
         with self._lock:
             cursor = self._con.cursor()
         try:
             cursor.execute("SET TimeZone = 'UTC'")
+            if read_only:
+                cursor.execute("BEGIN TRANSACTION")
             cursor.execute(sql, params or [])
             description = cursor.description or []
             rows = cursor.fetchall() if description else []
             return QueryResult([d[0] for d in description], rows)
         finally:
+            if read_only:
+                with contextlib.suppress(duckdb.Error):
+                    cursor.execute("ROLLBACK")
             cursor.close()
 
     def counters(self) -> dict[str, int]:

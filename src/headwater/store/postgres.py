@@ -195,14 +195,23 @@ class PostgresStore:
         finally:
             self._release(conn)
 
-    def query(self, sql: str, params: list[Any] | None = None) -> QueryResult:
+    def query(
+        self, sql: str, params: list[Any] | None = None, read_only: bool = False
+    ) -> QueryResult:
+        """Run SQL; ``read_only`` runs it in a read-only transaction rolled back after."""
         text = (pgschema.placeholders(sql) if params else sql).encode()
 
         def run(conn: psycopg.Connection[tuple[Any, ...]]) -> QueryResult:
             with conn.cursor() as cur:
-                cur.execute(text, params or None)
-                description = cur.description or []
-                rows = cur.fetchall() if description else []
+                if read_only:
+                    cur.execute(b"BEGIN READ ONLY")
+                try:
+                    cur.execute(text, params or None)
+                    description = cur.description or []
+                    rows = cur.fetchall() if description else []
+                finally:
+                    if read_only:
+                        conn.rollback()
             return QueryResult([d.name for d in description], rows)
 
         return self._read(run)
