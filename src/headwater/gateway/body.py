@@ -153,6 +153,8 @@ def nests_deeper(body: bytes, limit: int) -> bool:
     backslashes and quotes, keep only quotes and brackets, drop brackets inside
     strings, then peel innermost bracket pairs ``limit`` times.
     """
+    if body.count(b"{") + body.count(b"[") <= limit:
+        return False  # too few brackets to nest that deep
     if b"\\" in body:
         body = body.replace(b"\\\\", b"").replace(b'\\"', b"")
     skeleton = body.translate(None, _NOT_STRUCTURE).replace(b'""', b"")

@@ -37,6 +37,7 @@ class Committer:
         self._max_group = max_group
         self._queue: deque[tuple[Entry, asyncio.Future[None]]] = deque()
         self._pending_bytes = 0
+        self._waiting = False
         self._cond = threading.Condition()
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -64,7 +65,8 @@ class Committer:
                 raise Overloaded("too much waiting for the log")
             self._pending_bytes += size
             self._queue.append((entry, future))
-            self._cond.notify()
+            if self._waiting:  # the writer is idle; while it writes, it takes the queue after
+                self._cond.notify()
         await future
 
     def close(self) -> None:
@@ -81,7 +83,12 @@ class Committer:
             while not self._queue and not self._closing:
                 # While appends fail, readiness must come back without traffic.
                 timeout = None if self.healthy else PROBE_SECONDS
-                if not self._cond.wait(timeout) and not self._queue:
+                self._waiting = True
+                try:
+                    woken = self._cond.wait(timeout)
+                finally:
+                    self._waiting = False
+                if not woken and not self._queue:
                     return []
             group: list[tuple[Entry, asyncio.Future[None]]] = []
             while self._queue and len(group) < self._max_group:
