@@ -32,8 +32,9 @@ Consumer groups
     beginning of the topic.
 ``<prefix>-dest-<name>``
     One group per destination on the processed topic.  A new group starts at
-    the end (as a new destination does in the embedded log), and that start is
-    committed at once, so a restart before the first delivery loses nothing.
+    the end (as a new destination does in the embedded log): that start is
+    committed before the group is joined, so neither the first assignment nor
+    a restart before the first delivery skips anything.
 
 Semantics
 ---------
