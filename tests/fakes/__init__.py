@@ -1,7 +1,7 @@
 """Loopback stand-ins for SaaS ingestion APIs, shared plumbing.
 
 Each fake listens on 127.0.0.1 on a port of its own, answers as
-/work/shared/DESTINATIONS.md says the real service does, and records what it
+docs/contracts/DESTINATIONS.md says the real service does, and records what it
 accepted.  ``force`` makes the next requests to a path fail on demand (a 429
 with ``Retry-After``, a 503 ...).
 """

@@ -1,6 +1,6 @@
 """A loopback Amplitude: HTTP V2, Batch, Group Identify and User Mapping.
 
-It answers as DESTINATIONS.md section 2 describes.
+It answers as docs/contracts/DESTINATIONS.md section 2 describes.
 
 Where the document leaves a behaviour open (section 5) the fake picks one and
 says so in a comment marked UNCONFIRMED.

@@ -1,6 +1,6 @@
 """A loopback Mixpanel: ``/import``, ``/engage`` and ``/groups``.
 
-It answers as DESTINATIONS.md section 1 describes.
+It answers as docs/contracts/DESTINATIONS.md section 1 describes.
 
 Where the document leaves a behaviour open (section 5) the fake picks one and
 says so in a comment marked UNCONFIRMED.

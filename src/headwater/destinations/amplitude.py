@@ -1,6 +1,6 @@
 """Amplitude destination: events to HTTP V2 (or Batch), groups and aliases to their APIs.
 
-Contract: /work/shared/DESTINATIONS.md section 2.  Fields follow Segment's
+Contract: docs/contracts/DESTINATIONS.md section 2.  Fields follow Segment's
 Amplitude (Actions) destination (section 2.7); identify and the user half of
 group travel as ``$identify`` events in the events request, as RudderStack
 does (2.8) and as HTTP V2 documents (2.5), so that they get per-record errors,

@@ -1,6 +1,6 @@
 """Mixpanel destination: events to ``/import``, profiles to ``/engage`` and ``/groups``.
 
-Contract: /work/shared/DESTINATIONS.md section 1.  The mapping follows Segment's
+Contract: docs/contracts/DESTINATIONS.md section 1.  The mapping follows Segment's
 Mixpanel (Actions) destination (section 1.7), with two deliberate differences:
 identity events go to the authenticated ``/import`` rather than to ``/track``
 (both are documented for them, 1.6), so that every event gets per-record

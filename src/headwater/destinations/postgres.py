@@ -5,8 +5,8 @@ Settings (``[destinations.settings]``):
 - ``dsn``: a libpq connection string or URI (required).
 - ``source``: the source this destination loads (default ``default``); the
   schema is named after it, normalised like a table name (``default`` is a
-  reserved word, so the schema is ``_default``).  XXX: the delivery loop does
-  not tell a destination which source an event came from, so events of every
+  reserved word, so the schema is ``_default``).  Limitation: the delivery loop
+  does not tell a destination which source an event came from, so events of every
   source routed here land in this one schema; use one destination per source
   with a filter on a field that tells them apart.
 - ``schema``: the schema to load into, used as given (overrides ``source``).
