@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 
 from headwater.log.base import ProcessedRecord, Record
-from headwater.log.sqlite import log_path
+from headwater.log.sqlite import log_path, open_database
 
 _encode = msgspec.json.Encoder().encode
 
@@ -35,14 +35,7 @@ CREATE TABLE IF NOT EXISTS processed (
 
 
 def connect(data_dir: Path) -> sqlite3.Connection:
-    path = log_path(data_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    con = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
-    con.execute("PRAGMA journal_mode=WAL")
-    con.execute("PRAGMA synchronous=FULL")
-    con.execute("PRAGMA busy_timeout=30000")
-    con.executescript(SCHEMA)
-    return con
+    return open_database(log_path(data_dir), SCHEMA)
 
 
 class ProcessedLog:

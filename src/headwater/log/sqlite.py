@@ -34,14 +34,19 @@ def log_path(data_dir: Path) -> Path:
     return data_dir / "log.sqlite"
 
 
-def _connect(path: Path) -> sqlite3.Connection:
+def open_database(path: Path, schema: str) -> sqlite3.Connection:
+    """A connection to the log's database file (WAL, fsync on commit) with ``schema`` applied."""
     path.parent.mkdir(parents=True, exist_ok=True)
     con = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
     con.execute("PRAGMA journal_mode=WAL")
     con.execute("PRAGMA synchronous=FULL")
     con.execute("PRAGMA busy_timeout=30000")
-    con.executescript(SCHEMA)
+    con.executescript(schema)
     return con
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    return open_database(path, SCHEMA)
 
 
 class SQLiteLogWriter:
