@@ -182,10 +182,12 @@ def funnel(
                 f" FROM s{index - 1} p JOIN events e ON {PERSON_E} = p.person"
                 f" WHERE e.event = ? AND e.timestamp {'>' if step == steps[index - 1] else '>='}"
                 " p.t AND NOT coalesce(e.is_bot, false)"
+                # Implied by the line above; lets the scan skip older row groups.
+                " AND e.timestamp >= make_timestamptz(? * 1000)"
                 f" AND e.timestamp <= p.start + to_seconds(?) AND e.timestamp < make_timestamptz(?"
                 f" * 1000) GROUP BY p.person, p.start)"
             )
-            args += [step, within_seconds, window.until_ms]
+            args += [step, window.since_ms, within_seconds, window.until_ms]
     selects = " UNION ALL ".join(
         f"SELECT {i} AS step, count(*) AS people FROM s{i}" for i in range(len(steps))
     )
