@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import tomli_w
 
-from conftest import RunningServer
+from conftest import RunningServer, free_port
 
 MakeServer = Callable[..., RunningServer]
 
@@ -248,7 +248,9 @@ def test_send_query_and_status_while_running_and_after_stop(
     assert list(csv.reader(io.StringIO(lists)))[1] == ['["a", "b"]', '{"k": 1}']
     not_running = cli(data_dir, "tail", "--seconds", "1")
     assert not_running.returncode == 1 and "not running" in not_running.stderr
-    unreachable = cli(data_dir, "send", "--event", "Lost")
+    # A port nothing listens on: the machine may run other servers on the default one.
+    closed = {"HEADWATER_SERVER_PORT": str(free_port())}
+    unreachable = cli(data_dir, "send", "--event", "Lost", env=closed)
     assert unreachable.returncode == 1 and "Traceback" not in unreachable.stderr
     assert "cannot reach" in unreachable.stderr, unreachable.stderr
 
