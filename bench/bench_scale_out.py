@@ -1219,12 +1219,18 @@ def main() -> int:
                 results[phase] = phase_drain(ctx)
             durations[phase] = time.monotonic() - begun
     finally:
-        run.stop_all([h for h in ctx.started if h.proc is not None])
-        if ctx.watch is not None:
-            ctx.watch.close()
-        ctx.broker.stop()
-        if ctx.pg is not None:
-            ctx.pg.stop()
+        # Each step on its own: one that fails must not leave the others running.
+        steps: list[Callable[[], object]] = [
+            lambda: run.stop_all([h for h in ctx.started if h.proc is not None]),
+            lambda: ctx.watch.close() if ctx.watch is not None else None,
+            ctx.broker.stop,
+            lambda: ctx.pg.stop() if ctx.pg is not None else None,
+        ]
+        for step in steps:
+            try:
+                step()
+            except Exception as exc:
+                say(f"cleaning up: {type(exc).__name__}: {exc}")
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
     results["meta"]["phase_seconds"] = durations
