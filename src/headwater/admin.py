@@ -112,7 +112,10 @@ class AdminClient:
         return QueryResult(payload["columns"], [tuple(r) for r in payload["rows"]])
 
     def status(self) -> dict[str, Any]:
-        result: dict[str, Any] = self._client.get("/status").json()
+        response = self._client.get("/status")
+        result: dict[str, Any] = response.json()
+        if response.status_code != 200:
+            raise RuntimeError(result.get("error", response.text))
         return result
 
     def tail(self, after: int) -> list[dict[str, Any]]:

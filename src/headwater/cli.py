@@ -199,7 +199,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     data_dir = _data_dir(args)
     client = AdminClient.connect(data_dir)
     if client is not None:
-        status = client.status()
+        try:
+            status = client.status()
+        except RuntimeError as exc:
+            print(f"status failed: {exc}", file=sys.stderr)
+            return 1
         running = True
     else:
         settings = config.load(data_dir)

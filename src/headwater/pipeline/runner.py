@@ -101,7 +101,10 @@ class Pipeline:
         self.processed = processed
         self.tail = tail or Tail()
         self.dedup = DedupWindow(settings.pipeline.dedup_window_hours * HOUR_MS)
-        self.dedup.load(store.recent_keys(_now_ms() - self.dedup.window_ms))
+        if not store.exact_known:
+            # A store that answers known() exactly (shared by nodes) needs no
+            # window in memory; the embedded one relies on it.
+            self.dedup.load(store.recent_keys(_now_ms() - self.dedup.window_ms))
         self.future_ms = settings.limits.future_tolerance_seconds * 1000
 
     def step(self, max_events: int | None = None) -> int:
@@ -143,8 +146,9 @@ class Pipeline:
         # replayed; the embedded processed log ignores records it already has.
         self.processed.append(outgoing)
         self.store.write(columns, CONSUMER, records[-1].offset, counters)
-        for key, received_ms in fresh.items():
-            self.dedup.add(key, received_ms)
+        if not self.store.exact_known:
+            for key, received_ms in fresh.items():
+                self.dedup.add(key, received_ms)
         self.consumer.commit(records)
         self.tail.extend(tail)
         return read

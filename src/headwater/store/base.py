@@ -49,6 +49,9 @@ class QueryResult:
 
 
 class EventStore(Protocol):
+    # Whether known() answers from everything stored (no window needed in memory).
+    exact_known: bool
+
     def committed(self, consumer: str) -> int:
         """The last log offset whose events are stored."""
 

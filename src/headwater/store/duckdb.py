@@ -30,6 +30,8 @@ def store_path(data_dir: Path) -> Path:
 
 
 class DuckDBStore:
+    exact_known = False
+
     def __init__(self, path: Path, read_only: bool = False) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._con = duckdb.connect(str(path), read_only=read_only)

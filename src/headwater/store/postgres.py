@@ -68,6 +68,8 @@ T = TypeVar("T")
 
 
 class PostgresStore:
+    exact_known = True
+
     def __init__(self, dsn: str, schema: str = "headwater") -> None:
         pgschema.ensure(dsn, schema)
         self.dsn = dsn
