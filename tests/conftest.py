@@ -185,3 +185,26 @@ def make_server(tmp_path: Path) -> Iterator[Callable[..., RunningServer]]:
 @pytest.fixture
 def server(make_server: Callable[..., RunningServer]) -> RunningServer:
     return make_server()
+
+
+def settle_deliveries(server: RunningServer, timeout: float = 20.0) -> dict[str, Any]:
+    """Wait until the log is read and no destination has events pending; their status."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = server.admin.status()
+        destinations = status["destinations"]
+        if status["log"]["lag_records"] == 0 and all(
+            d.get("pending", 0) == 0 for d in destinations.values()
+        ):
+            return dict(destinations)
+        time.sleep(0.05)
+    raise AssertionError(f"deliveries did not settle: {server.admin.status()}")
+
+
+def reconciled(counters: dict[str, int]) -> int:
+    """accepted - (delivered + filtered + dead_lettered): zero once deliveries settle."""
+    return counters.get("accepted", 0) - (
+        counters.get("delivered", 0)
+        + counters.get("filtered", 0)
+        + counters.get("dead_lettered", 0)
+    )

@@ -20,12 +20,11 @@ import pytest
 from psycopg.rows import dict_row
 from segment.analytics import Client
 
-from conftest import WRITE_KEY, RunningServer
+from conftest import WRITE_KEY, RunningServer, reconciled, settle_deliveries
 from fakes.amplitude import FakeAmplitude
 from fakes.mixpanel import FakeMixpanel
 from headwater.destinations.base import BatchSettings, DestinationConfig, RetrySettings
 from receiver import Receiver
-from test_delivery import reconciled, settle_deliveries
 
 pytest_plugins = ["pg"]
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from conftest import RunningServer
+from conftest import RunningServer, reconciled, settle_deliveries
 from headwater.destinations.base import (
     BatchSettings,
     DestinationConfig,
@@ -61,27 +61,6 @@ def track(i: int, user: str = "u-1", **extra: Any) -> dict[str, Any]:
         "properties": {"i": i},
         **extra,
     }
-
-
-def settle_deliveries(server: RunningServer, timeout: float = 20.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = server.admin.status()
-        destinations = status["destinations"]
-        if status["log"]["lag_records"] == 0 and all(
-            d.get("pending", 0) == 0 for d in destinations.values()
-        ):
-            return dict(destinations)
-        time.sleep(0.05)
-    raise AssertionError(f"deliveries did not settle: {server.admin.status()}")
-
-
-def reconciled(counters: dict[str, int]) -> int:
-    return counters.get("accepted", 0) - (
-        counters.get("delivered", 0)
-        + counters.get("filtered", 0)
-        + counters.get("dead_lettered", 0)
-    )
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ import duckdb
 import pyarrow.dataset as ds
 import pytest
 
-from conftest import RunningServer
+from conftest import RunningServer, reconciled, settle_deliveries
 from headwater.destinations import build
 from headwater.destinations.base import (
     BatchSettings,
@@ -24,7 +24,6 @@ from headwater.destinations.base import (
 )
 from headwater.destinations.files import Files, partition_date, partition_name
 from headwater.destinations.state import DeliveryState
-from test_delivery import reconciled, settle_deliveries
 
 BIG = 123456789012345678901234567890
 

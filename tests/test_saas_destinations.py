@@ -10,7 +10,6 @@ counters must reconcile.
 from __future__ import annotations
 
 import re
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -19,7 +18,8 @@ from typing import Any
 import pytest
 from segment.analytics import Client
 
-from conftest import WRITE_KEY, RunningServer
+from conftest import WRITE_KEY, RunningServer, reconciled
+from conftest import settle_deliveries as settle
 from fakes.amplitude import FakeAmplitude, throttled
 from fakes.mixpanel import FakeMixpanel, rate_limited
 from headwater.destinations import ConfigurationError, build
@@ -87,27 +87,6 @@ def amplitude(name: str, fake: FakeAmplitude, **overrides: Any) -> DestinationCo
         batch=overrides.pop("batch", BatchSettings(max_events=100, max_age_ms=100)),
         retry=overrides.pop("retry", FAST_RETRY),
         **overrides,
-    )
-
-
-def settle(server: RunningServer, timeout: float = 20.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = server.admin.status()
-        destinations = status["destinations"]
-        if status["log"]["lag_records"] == 0 and all(
-            d.get("pending", 0) == 0 for d in destinations.values()
-        ):
-            return dict(destinations)
-        time.sleep(0.05)
-    raise AssertionError(f"deliveries did not settle: {server.admin.status()}")
-
-
-def reconciled(counters: dict[str, int]) -> int:
-    return counters.get("accepted", 0) - (
-        counters.get("delivered", 0)
-        + counters.get("filtered", 0)
-        + counters.get("dead_lettered", 0)
     )
 
 

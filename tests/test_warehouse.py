@@ -20,7 +20,7 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from conftest import RunningServer
+from conftest import RunningServer, reconciled, settle_deliveries
 from headwater.destinations import ConfigurationError, build
 from headwater.destinations.base import BatchSettings, DestinationConfig, RetrySettings
 from headwater.destinations.postgres import Postgres
@@ -31,7 +31,6 @@ from headwater.destinations.warehouse import (
     snake_case,
     table_name,
 )
-from test_delivery import reconciled, settle_deliveries
 
 if TYPE_CHECKING:
     from pg import Cluster
